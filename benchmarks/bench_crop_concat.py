@@ -1,0 +1,33 @@
+"""crop_concat forward (+ backward) vs F.pad / slicing + torch.cat, both layouts.
+
+    pytest benchmarks/bench_crop_concat.py --benchmark-only --benchmark-group-by=param:case
+"""
+import pytest
+import torch
+
+import unet_fast
+from unet_fast import reference
+
+# U-Net-sized skips: (N, C, H, W) of skip and up, and the target size
+CASES = {
+    "same-pad-64x256": ((2, 64, 256, 256), (2, 64, 255, 255), (256, 256)),
+    "valid-crop-512x32": ((2, 512, 40, 40), (2, 512, 32, 32), (32, 32)),
+}
+
+
+def make(case, channels_last):
+    skip_shape, up_shape, size = CASES[case]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    skip = torch.randn(skip_shape).contiguous(memory_format=fmt)
+    up = torch.randn(up_shape).contiguous(memory_format=fmt)
+    return skip, up, size
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_crop_concat_forward(benchmark, case, channels_last, impl):
+    skip, up, size = make(case, channels_last)
+    fn = unet_fast.crop_concat if impl == "fused" else reference.crop_concat
+    benchmark.extra_info["bytes_written"] = fn(skip, up, size).nbytes
+    benchmark(fn, skip, up, size)

@@ -1,0 +1,48 @@
+"""The `unet-fast` command."""
+import argparse
+import sys
+
+from . import _backend
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unet-fast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="reference vs unet_fast UNet, interleaved in one process")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--size", type=int, default=128, help="input height and width")
+    b.add_argument("--batch", type=int, default=2)
+    b.add_argument("--base-features", type=int, default=64)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    b.add_argument("--backend", default="auto", choices=_backend.NAMES)
+    b.add_argument("--rounds", type=int, default=7)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("backends", help="what was built and which backend each device uses")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            from . import bench
+            if args.batch < 2:
+                raise ValueError("--batch must be at least 2: a training step with BatchNorm needs "
+                                 "more than one value per channel")
+            if args.rounds < 1:
+                raise ValueError("--rounds must be at least 1")
+            bench.main(args)
+        else:
+            from . import backends
+            for key, value in backends().items():
+                print(f"{key:10} {value}")
+    except (ValueError, RuntimeError, NotImplementedError) as error:
+        print(f"unet-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

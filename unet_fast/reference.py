@@ -1,0 +1,163 @@
+"""Readable pure-PyTorch definitions of every unet_fast op, and the reference U-Net.
+
+This module is the contract: the fallback when no kernel is built and the oracle every kernel is
+tested against. It favours clarity over speed.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.geometry import check_input
+
+
+def conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                 training: bool, momentum: float, eps: float, padding: int):
+    """relu(batch_norm(conv2d(x))), updating running_mean/running_var in place when training.
+
+    `momentum` is the running-average factor as in F.batch_norm; a module with momentum=None
+    passes 1 / num_batches_tracked (nn.BatchNorm2d's cumulative average).
+    """
+    y = F.conv2d(x, weight, bias, padding=padding)
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return F.relu(y)
+
+
+def double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
+                weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
+                training: bool, momentum1: float, momentum2: float, eps1: float, eps2: float,
+                padding: int):
+    """Two conv_bn_relu in a row."""
+    x = conv_bn_relu(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
+                     training, momentum1, eps1, padding)
+    return conv_bn_relu(x, weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
+                        training, momentum2, eps2, padding)
+
+
+def fit(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Centre-crop (if larger) or zero-pad (if smaller) x's last two dims to `size`.
+
+    Odd differences split as F.pad(x, [d // 2, d - d // 2]); negative padding crops.
+    """
+    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    return F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+
+
+def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """[skip, up] on channels, each fitted to `size` = (H, W)."""
+    return torch.cat([fit(skip, size), fit(up, size)], dim=1)
+
+
+# The reference U-Net: the tutorial's modules and state_dict keys. With bilinear=False it computes
+# exactly what the tutorial's code does. The tutorial's bilinear=True cannot run (its 1x1 conv
+# expects in_channels but receives in_channels // 2); here bilinear=True has Pytorch-UNet's
+# semantics: upsample, concatenate, DoubleConv(in, out, mid=in // 2), no 1x1 conv.
+
+PADDING = {"same": 1, "valid": 0}
+
+
+class DoubleConv(nn.Module):
+    """(Conv 3x3 -> BN -> ReLU) x 2; keys double_conv.{0,1,3,4}.*"""
+
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: Optional[int] = None,
+                 padding: str = "same"):
+        super().__init__()
+        mid_channels = mid_channels or out_channels
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, 3, padding=PADDING[padding], bias=False),
+            nn.BatchNorm2d(mid_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_channels, out_channels, 3, padding=PADDING[padding], bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x):
+        return self.double_conv(x)
+
+
+class EncoderBlock(nn.Module):
+    """MaxPool 2x2 -> DoubleConv; keys maxpool_conv.1.double_conv.*"""
+
+    def __init__(self, in_channels: int, out_channels: int, padding: str = "same"):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2, 2),
+                                          DoubleConv(in_channels, out_channels, padding=padding))
+
+    def forward(self, x):
+        return self.maxpool_conv(x)
+
+
+class DecoderBlock(nn.Module):
+    """Upsample -> crop_concat with the skip -> DoubleConv.
+
+    Same padding pads the upsampled map to the skip's size (the tutorial's F.pad); valid padding
+    centre-crops the skip to the upsampled map's size (the paper's "copy and crop").
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = True,
+                 padding: str = "same"):
+        super().__init__()
+        self.padding = padding
+        if bilinear:
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+            self.conv = DoubleConv(in_channels, out_channels, in_channels // 2, padding=padding)
+        else:
+            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+            self.conv = DoubleConv(in_channels, out_channels, padding=padding)
+
+    def forward(self, x, skip):
+        x = self.up(x)
+        size = skip.shape[-2:] if self.padding == "same" else x.shape[-2:]
+        return self.conv(crop_concat(skip, x, size))
+
+
+class UNet(nn.Module):
+    """The tutorial's U-Net (Ronneberger et al., 2015) in plain PyTorch.
+
+    Args:
+        in_channels: input channels (1 grayscale, 3 RGB)
+        num_classes: output channels (logits)
+        base_features: channels of the first level; level i has base_features * 2**i
+        bilinear: bilinear upsampling (Pytorch-UNet semantics) instead of transposed convs
+        padding: "same" (output size = input size, any size >= 16) or "valid" (the paper's
+            unpadded convolutions: 572x572 in, 388x388 out)
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, base_features: int = 64,
+                 bilinear: bool = True, *, padding: str = "same"):
+        super().__init__()
+        if padding not in PADDING:
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        self.in_channels, self.num_classes, self.bilinear = in_channels, num_classes, bilinear
+        self.padding = padding
+        f = [base_features * 2 ** i for i in range(5)]
+        factor = 2 if bilinear else 1
+        self.inc = DoubleConv(in_channels, f[0], padding=padding)
+        self.down1 = EncoderBlock(f[0], f[1], padding)
+        self.down2 = EncoderBlock(f[1], f[2], padding)
+        self.down3 = EncoderBlock(f[2], f[3], padding)
+        self.down4 = EncoderBlock(f[3], f[4] // factor, padding)
+        self.up1 = DecoderBlock(f[4], f[3] // factor, bilinear, padding)
+        self.up2 = DecoderBlock(f[3], f[2] // factor, bilinear, padding)
+        self.up3 = DecoderBlock(f[2], f[1] // factor, bilinear, padding)
+        self.up4 = DecoderBlock(f[1], f[0], bilinear, padding)
+        self.outc = nn.Conv2d(f[0], num_classes, kernel_size=1)
+
+    def forward(self, x):
+        check_input(x, self.in_channels, self.padding)
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        x = self.up1(x5, x4)
+        x = self.up2(x, x3)
+        x = self.up3(x, x2)
+        x = self.up4(x, x1)
+        return self.outc(x)
+
+    def count_parameters(self) -> int:
+        """Trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)

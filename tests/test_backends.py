@@ -9,28 +9,29 @@ from unet_fast import _backend
 def test_cpu_extension_is_built_and_registered():
     info = unet_fast.backends()
     assert info["extension"] == "built"
-    assert info["kernels"]["cpu"] is True
-    assert info["default"]["cpu"] == "cpu"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("unet_fast::crop_concat", "CPU")
+    assert info["kernels"]["cpu"] == ["conv_bn_relu", "crop_concat"]
+    assert info["default"]["cpu"] == {"crop_concat": "cpu", "conv_bn_relu": "cpu"}
+    for kernel in ("crop_concat", "batch_norm_relu", "batch_norm_relu_backward", "conv_bias_relu"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CPU")
 
 
 def test_gpu_entry_matches_the_machine():
     info = unet_fast.backends()
     assert (info["gpu"] is not None) == torch.cuda.is_available()
     if torch.cuda.is_available():
-        assert info["kernels"]["cuda"] and info["default"]["cuda"] == "cuda"
+        assert info["default"]["cuda"]["crop_concat"] == "cuda"
 
 
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("UNET_FAST_BACKEND", "reference")
-    assert _backend.resolve("auto", torch.device("cpu")) == "reference"
-    assert _backend.resolve("cpu", torch.device("cpu")) == "cpu"  # an explicit choice wins
+    assert _backend.resolve("auto", torch.device("cpu"), "crop_concat") == "reference"
+    assert _backend.resolve("cpu", torch.device("cpu"), "crop_concat") == "cpu"  # an explicit choice wins
     assert unet_fast.backends()["override"] == "reference"
     monkeypatch.setenv("UNET_FAST_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
-        _backend.resolve("auto", torch.device("cpu"))
+        _backend.resolve("auto", torch.device("cpu"), "crop_concat")
 
 
 def test_triton_backend_is_refused_until_it_exists():
     with pytest.raises(NotImplementedError, match="Triton backend"):
-        _backend.resolve("triton", torch.device("cpu"))
+        _backend.resolve("triton", torch.device("cpu"), "crop_concat")

@@ -11,6 +11,12 @@ import warnings
 import torch
 
 NAMES = ("auto", "cpu", "cuda", "triton", "reference")
+# Public op -> the device kernels it needs (the rest of each op is device-generic composition).
+REQUIRES = {
+    "crop_concat": ("crop_concat", "crop_concat_backward"),
+    "conv_bn_relu": ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_apply",
+                     "conv_bias_relu"),
+}
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the C++/CUDA kernels)
@@ -23,55 +29,58 @@ except ImportError as error:  # a source checkout that was never built, or a bro
                   stacklevel=2)
 
 
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether unet_fast::<op> has a kernel registered for a dispatch key (asks the dispatcher)."""
-    return (EXTENSION_ERROR is None
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{op}", dispatch_key))
+def _registered(kernel: str, device_type: str) -> bool:
+    """Asks the dispatcher whether unet_fast::<kernel> has a kernel for the device's key."""
+    return (EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"unet_fast::{kernel}", device_type.upper()))
 
 
 # Read once: registrations happen when _C loads, and torch.compile cannot trace the query.
-BUILT = {"cpu": has_kernel("crop_concat", "CPU"), "cuda": has_kernel("crop_concat", "CUDA")}
+BUILT = {device: {op for op, kernels in REQUIRES.items()
+                  if all(_registered(k, device) for k in kernels)}
+         for device in ("cpu", "cuda")}
+
+
+def default_backend(op: str, device_type: str) -> str:
+    return device_type if op in BUILT.get(device_type, ()) else "reference"
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """The backend that runs `op` on `device`: validates an explicit choice, resolves "auto"."""
+    if backend == "auto":
+        backend = os.environ.get("UNET_FAST_BACKEND", "auto")
+    if backend not in NAMES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(NAMES)}")
+    if backend == "auto":
+        return default_backend(op, device.type)
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"backend {backend!r} cannot run tensors on device {device}")
+        if op not in BUILT[backend]:
+            raise RuntimeError(f"backend {backend!r} has no {op} kernels in this build"
+                               + (f": {EXTENSION_ERROR}" if EXTENSION_ERROR else ""))
+    if backend == "triton":
+        raise NotImplementedError("the Triton backend is not available in this version")
+    return backend
 
 
 def triton_version():
     return importlib.util.find_spec("triton") and __import__("triton").__version__
 
 
-def default_backend(device_type: str) -> str:
-    return device_type if BUILT.get(device_type) else "reference"
-
-
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend that runs a call on `device`: validates an explicit choice, resolves "auto"."""
-    if backend == "auto":
-        backend = os.environ.get("UNET_FAST_BACKEND", "auto")
-    if backend not in NAMES:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(NAMES)}")
-    if backend == "auto":
-        return default_backend(device.type)
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            raise ValueError(f"backend {backend!r} cannot run tensors on device {device}")
-        if not BUILT[backend]:
-            raise RuntimeError(f"backend {backend!r} was not built: "
-                               + (EXTENSION_ERROR or f"unet_fast._C has no {backend.upper()} kernels"))
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend is not available in this version")
-    return backend
-
-
 def backends() -> dict:
-    """What was built and what each device uses by default.
+    """What was built and which backend each op uses by default on each device.
 
     >>> unet_fast.backends()["default"]["cpu"]
-    'cpu'
+    {'crop_concat': 'cpu', 'conv_bn_relu': 'cpu'}
     """
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
         "extension": "built" if EXTENSION_ERROR is None else f"missing ({EXTENSION_ERROR})",
-        "kernels": dict(BUILT),
+        "kernels": {device: sorted(ops) for device, ops in BUILT.items()},
         "triton": triton_version() or None,
         "gpu": gpu,
-        "default": {"cpu": default_backend("cpu"), "cuda": default_backend("cuda") if gpu else None},
+        "default": {"cpu": {op: default_backend(op, "cpu") for op in REQUIRES},
+                    "cuda": {op: default_backend(op, "cuda") for op in REQUIRES} if gpu else None},
         "override": os.environ.get("UNET_FAST_BACKEND"),
     }

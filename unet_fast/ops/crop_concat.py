@@ -21,7 +21,7 @@ def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[in
     """
     check_tensors("crop_concat", skip=skip, up=up)
     size = check_size("crop_concat", skip.shape[-2:] if size is None else size)
-    if _backend.resolve(backend, skip.device) == "reference":
+    if _backend.resolve(backend, skip.device, "crop_concat") == "reference":
         return reference.crop_concat(skip, up, size)
     return torch.ops.unet_fast.crop_concat(skip, up, size)
 

@@ -1,0 +1,184 @@
+// Two loop drivers over an (N, C, HW) activation in NCHW or channels_last (NHWC) layout, with
+// per-channel coefficients: an elementwise map and a per-channel two-sum reduction. Vectorised
+// over the contiguous axis (HW in NCHW, C in NHWC), parallel with at::parallel_for.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <array>
+#include <vector>
+
+namespace unet_fast::cpu {
+
+using at::vec::Vectorized;
+
+// Loads and stores vectors of the accumulation type (float for float/bfloat16, double for double).
+template <typename scalar_t>
+struct Io {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static Vec load(const scalar_t* p) { return Vec::loadu(p); }
+  static void store(scalar_t* p, const Vec& v) { v.store(p); }
+};
+
+template <>
+struct Io<c10::BFloat16> {
+  using acc_t = float;
+  using Vec = Vectorized<float>;
+  static Vec load(const c10::BFloat16* p) {
+    Vec v;
+    at::vec::load_to_float(p, v);
+    return v;
+  }
+  static void store(c10::BFloat16* p, const Vec& v) {
+    at::vec::convert_from_float<c10::BFloat16>(v, v).store(p, Vec::size());
+  }
+};
+
+struct Shape {
+  int64_t N, C, HW;
+  bool nhwc;
+};
+
+// out[i] = op(y[i], dy[i], coefficients of i's channel), with K per-channel coefficient arrays.
+// `vop` works on vectors, `sop` on scalars (tails); dy may be null when op ignores it.
+template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
+void channelwise_map(scalar_t* out, const scalar_t* y, const scalar_t* dy, Shape s,
+                     const std::array<const at::opmath_type<scalar_t>*, K>& coef, VecOp vop,
+                     ScalarOp sop) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = typename Io<scalar_t>::Vec;
+  constexpr int64_t V = Vec::size();
+  auto load = [&](const scalar_t* p, int64_t i) { return p ? Io<scalar_t>::load(p + i) : Vec(0); };
+  auto at_ = [&](const scalar_t* p, int64_t i) { return p ? static_cast<acc_t>(p[i]) : acc_t(0); };
+  if (!s.nhwc) {
+    at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t c = plane % s.C, base = plane * s.HW;
+        std::array<Vec, K> cv;
+        std::array<acc_t, K> cs;
+        for (size_t k = 0; k < K; ++k) cv[k] = Vec(cs[k] = coef[k][c]);
+        int64_t i = 0;
+        for (; i + V <= s.HW; i += V) {
+          Io<scalar_t>::store(out + base + i, vop(load(y, base + i), load(dy, base + i), cv));
+        }
+        for (; i < s.HW; ++i) {
+          out[base + i] = static_cast<scalar_t>(sop(at_(y, base + i), at_(dy, base + i), cs));
+        }
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, 4096 / s.C);
+  at::parallel_for(0, s.N * s.HW, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t base = row * s.C;
+      int64_t c = 0;
+      for (; c + V <= s.C; c += V) {
+        std::array<Vec, K> cv;
+        for (size_t k = 0; k < K; ++k) cv[k] = Vec::loadu(coef[k] + c);
+        Io<scalar_t>::store(out + base + c, vop(load(y, base + c), load(dy, base + c), cv));
+      }
+      for (; c < s.C; ++c) {
+        std::array<acc_t, K> cs;
+        for (size_t k = 0; k < K; ++k) cs[k] = coef[k][c];
+        out[base + c] = static_cast<scalar_t>(sop(at_(y, base + c), at_(dy, base + c), cs));
+      }
+    }
+  });
+}
+
+// For every channel, (sum of a, sum of b) where (a, b) = op(y[i], dy[i], coefficients of i's
+// channel). Sums of up to `kBlock` terms per vector lane accumulate in acc_t, then in double, so
+// float32 inputs keep about 1e-7 relative accuracy at any N*H*W.
+template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
+std::pair<std::vector<double>, std::vector<double>> channelwise_sums(
+    const scalar_t* y, const scalar_t* dy, Shape s,
+    const std::array<const at::opmath_type<scalar_t>*, K>& coef, VecOp vop, ScalarOp sop) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = typename Io<scalar_t>::Vec;
+  constexpr int64_t V = Vec::size(), kBlock = 64;
+  auto load = [&](const scalar_t* p, int64_t i) { return p ? Io<scalar_t>::load(p + i) : Vec(0); };
+  auto at_ = [&](const scalar_t* p, int64_t i) { return p ? static_cast<acc_t>(p[i]) : acc_t(0); };
+  std::vector<double> sum_a(s.C, 0.0), sum_b(s.C, 0.0);
+  if (!s.nhwc) {
+    at::parallel_for(0, s.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        std::array<Vec, K> cv;
+        std::array<acc_t, K> cs;
+        for (size_t k = 0; k < K; ++k) cv[k] = Vec(cs[k] = coef[k][c]);
+        double total_a = 0, total_b = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t base = (n * s.C + c) * s.HW;
+          int64_t i = 0;
+          while (i + V <= s.HW) {
+            Vec acc_a(0), acc_b(0);
+            for (int64_t stop = std::min(s.HW - V + 1, i + kBlock * V); i < stop; i += V) {
+              auto [a, b] = vop(load(y, base + i), load(dy, base + i), cv);
+              acc_a += a;
+              acc_b += b;
+            }
+            total_a += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), acc_a);
+            total_b += at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), acc_b);
+          }
+          for (; i < s.HW; ++i) {
+            auto [a, b] = sop(at_(y, base + i), at_(dy, base + i), cs);
+            total_a += a;
+            total_b += b;
+          }
+        }
+        sum_a[c] = total_a;
+        sum_b[c] = total_b;
+      }
+    });
+    return {sum_a, sum_b};
+  }
+  // NHWC: each chunk of rows sums into its own per-channel partials, combined once at the end.
+  const int64_t rows = s.N * s.HW;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, rows));
+  std::vector<double> partial(2 * chunks * s.C, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> block(2 * s.C);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      double* part_a = partial.data() + 2 * chunk * s.C;
+      double* part_b = part_a + s.C;
+      const int64_t row_end = rows * (chunk + 1) / chunks;
+      for (int64_t row = rows * chunk / chunks; row < row_end;) {
+        std::fill(block.begin(), block.end(), acc_t(0));
+        for (int64_t stop = std::min(row_end, row + kBlock); row < stop; ++row) {
+          const int64_t base = row * s.C;
+          int64_t c = 0;
+          for (; c + V <= s.C; c += V) {
+            std::array<Vec, K> cv;
+            for (size_t k = 0; k < K; ++k) cv[k] = Vec::loadu(coef[k] + c);
+            auto [a, b] = vop(load(y, base + c), load(dy, base + c), cv);
+            (Vec::loadu(&block[c]) + a).store(&block[c]);
+            (Vec::loadu(&block[s.C + c]) + b).store(&block[s.C + c]);
+          }
+          for (; c < s.C; ++c) {
+            std::array<acc_t, K> cs;
+            for (size_t k = 0; k < K; ++k) cs[k] = coef[k][c];
+            auto [a, b] = sop(at_(y, base + c), at_(dy, base + c), cs);
+            block[c] += a;
+            block[s.C + c] += b;
+          }
+        }
+        for (int64_t c = 0; c < s.C; ++c) {
+          part_a[c] += block[c];
+          part_b[c] += block[s.C + c];
+        }
+      }
+    }
+  });
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    for (int64_t c = 0; c < s.C; ++c) {
+      sum_a[c] += partial[2 * chunk * s.C + c];
+      sum_b[c] += partial[(2 * chunk + 1) * s.C + c];
+    }
+  }
+  return {sum_a, sum_b};
+}
+
+}  // namespace unet_fast::cpu

@@ -28,3 +28,25 @@ def layout(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def assert_close(got, want, dtype):
+    """DESIGN.md's tolerances: float64 ~1e-10, float32 ~1e-5 relative to the tensor's scale."""
+    for g, w in zip(got, want) if isinstance(got, (tuple, list)) else [(got, want)]:
+        scale = max(w.abs().max().item(), 1.0) if w.numel() else 1.0
+        tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+def rms(t: torch.Tensor) -> float:
+    return t.double().square().mean().sqrt().item()
+
+
+def assert_bf16_within_rule(got, ref_bf16, ref_f64):
+    """bfloat16: RMS error against a float64 run on the same (bfloat16-valued) inputs at most 2x
+    the RMS error of the reference run in bfloat16. RMS, not max: a ReLU whose input rounds across
+    zero flips one gradient element, in ours or the reference's, at random."""
+    assert len(got) == len(ref_bf16) == len(ref_f64)
+    for g, r, exact in zip(got, ref_bf16, ref_f64):
+        ours, theirs = rms(g.double() - exact), rms(r.double() - exact)
+        assert ours <= 2 * theirs + 1e-6 * rms(exact), (ours, theirs)

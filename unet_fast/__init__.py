@@ -1,7 +1,7 @@
 """unet_fast: fused U-Net kernels for PyTorch and a drop-in UNet."""
-from . import ops, reference
+from . import nn, ops, reference
 from ._backend import backends
-from .ops import crop_concat
+from .ops import conv_bn_relu, crop_concat, double_conv
 
 __version__ = "0.1.0"
-__all__ = ["backends", "crop_concat", "ops", "reference"]
+__all__ = ["backends", "conv_bn_relu", "crop_concat", "double_conv", "nn", "ops", "reference"]

@@ -24,6 +24,11 @@ def conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     return F.relu(y)
 
 
+def conv_bias_relu(x, weight, bias, padding: int):
+    """relu(conv2d(x)): the eval path once BatchNorm is folded into weight and bias."""
+    return F.relu(F.conv2d(x, weight, bias, padding=padding))
+
+
 def double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
                 weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
                 training: bool, momentum1: float, momentum2: float, eps1: float, eps2: float,

@@ -49,6 +49,10 @@ def _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, paddi
                          f"{(x.shape[0], c_out, h, w)}")
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
     """Conv weight and bias with eval-mode BatchNorm folded in (in float32, or float64 for float64).
 
@@ -94,8 +98,23 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
                                                                 bn_bias, eps, padding)
         update_running_stats(running_mean, running_var, mean, var, momentum, y[:, 0].numel())
         return out
+    if x.dtype in (torch.bfloat16, torch.float16) and _needs_grad(weight, bias, bn_weight, bn_bias):
+        # Folded low-precision weights would cost the BatchNorm parameters' gradients their
+        # precision: eval mode that trains parameters keeps BatchNorm separate.
+        return reference.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                      running_var, False, momentum, eps, padding)
     w, b = fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
     return torch.ops.unet_fast.conv_bias_relu(x, w, b, padding)
+
+
+def conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int = 1, *,
+                   backend: str = "auto") -> Tensor:
+    """relu(conv2d(x, weight, bias, padding=padding)) with the ReLU fused into the convolution:
+    the eval path once BatchNorm is folded into weight and bias (see `fold`)."""
+    _check(x, weight, bias, None, None, None, None, padding, False)
+    if _backend.resolve(backend, x.device, "conv_bn_relu") == "reference":
+        return reference.conv_bias_relu(x, weight, bias, padding)
+    return torch.ops.unet_fast.conv_bias_relu(x, weight, bias, padding)
 
 
 def double_conv(x: Tensor, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,

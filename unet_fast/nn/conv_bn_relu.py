@@ -1,0 +1,136 @@
+"""FusedConvBNReLU and FusedDoubleConv: drop-in nn.Sequential(Conv2d, BatchNorm2d, ReLU[, ...]).
+
+They *are* those Sequentials (same children, parameters, buffers and state_dict keys), with a
+forward that runs the fused ops. Eval mode folds BatchNorm into the conv once and caches the folded
+weights until any conv/BN tensor changes (tracked by tensor versions), so train -> eval -> train
+-> eval never uses stale weights.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _backend, ops
+
+
+def fusable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether a Conv2d -> BatchNorm2d pair has the form the fused ops compute."""
+    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
+            and conv.out_channels == bn.num_features and conv.groups == 1
+            and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.padding[0] == conv.padding[1])
+
+
+def batch_norm_mode(bn: nn.BatchNorm2d):
+    """(use batch statistics, running_mean, running_var, momentum factor), exactly as
+    nn.BatchNorm2d.forward decides them (it also counts the batch in num_batches_tracked)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None, factor
+
+
+class FoldedWeights:
+    """Eval-mode conv weights with BatchNorm folded in, recomputed only when a source changes."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+                    for t in sources) + (bn.eps,)
+        if key != self.key:
+            with torch.no_grad():
+                self.value = ops.fold(*sources, bn.eps)
+            self.key = key
+        return self.value
+
+    def __getstate__(self):  # pickling and deepcopy drop the cache; it is rebuilt on demand
+        return {"key": None, "value": None}
+
+
+def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights):
+    """One Conv -> BN -> ReLU through the fused ops, as nn.Sequential(conv, bn, relu) would."""
+    batch_stats, running_mean, running_var, momentum = batch_norm_mode(bn)
+    params = (conv.weight, conv.bias, bn.weight, bn.bias)
+    if batch_stats or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+        # training, tracing, or eval that trains parameters: fold (if at all) differentiably
+        return ops.conv_bn_relu(x, *params, running_mean, running_var, batch_stats, momentum,
+                                bn.eps, conv.padding[0], backend=backend)
+    return ops.conv_bias_relu(x, *folded(conv, bn), conv.padding[0], backend=backend)
+
+
+class FusedConvBNReLU(nn.Sequential):
+    """Conv2d -> BatchNorm2d -> ReLU; state_dict keys 0.* (conv) and 1.* (BN)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        self.backend, self.folded = backend, FoldedWeights()
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: Optional[nn.Module] = None,
+                     *, backend: str = "auto") -> "FusedConvBNReLU":
+        """Wraps existing modules (sharing their parameters) without copying."""
+        if not fusable(conv, bn):
+            raise ValueError(f"cannot fuse {conv} -> {bn}: needs a stride-1, ungrouped, "
+                             "zero-padded Conv2d feeding a BatchNorm2d of its width")
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, conv, bn, relu or nn.ReLU(inplace=True))
+        module.backend, module.folded = backend, FoldedWeights()
+        return module
+
+    def forward(self, x):
+        if _backend.resolve(self.backend, x.device, "conv_bn_relu") == "reference":
+            return super().forward(x)
+        return conv_bn_relu_forward(x, self[0], self[1], self.backend, self.folded)
+
+
+class FusedDoubleConv(nn.Sequential):
+    """(Conv2d -> BatchNorm2d -> ReLU) x 2, the tutorial's DoubleConv.double_conv; keys 0, 1, 3, 4.
+
+    Training stores x and both conv outputs only; relu(bn(conv1(x))) is recomputed in backward.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: Optional[int] = None,
+                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
+        mid_channels = mid_channels or out_channels
+        super().__init__(
+            nn.Conv2d(in_channels, mid_channels, 3, padding=padding, bias=bias),
+            nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(mid_channels, out_channels, 3, padding=padding, bias=bias),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        self.backend, self.folded = backend, (FoldedWeights(), FoldedWeights())
+
+    @classmethod
+    def from_modules(cls, *modules: nn.Module, backend: str = "auto") -> "FusedDoubleConv":
+        """Wraps (conv, bn, relu, conv, bn, relu) modules, sharing their parameters."""
+        conv1, bn1, relu1, conv2, bn2, relu2 = modules
+        if not (fusable(conv1, bn1) and fusable(conv2, bn2) and conv1.padding == conv2.padding):
+            raise ValueError("cannot fuse: needs two stride-1, ungrouped, equally zero-padded "
+                             "Conv2d -> BatchNorm2d pairs")
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, *modules)
+        module.backend, module.folded = backend, (FoldedWeights(), FoldedWeights())
+        return module
+
+    def forward(self, x):
+        if _backend.resolve(self.backend, x.device, "conv_bn_relu") == "reference":
+            return super().forward(x)
+        conv1, bn1, _, conv2, bn2, _ = self
+        if bn1.training and bn2.training:
+            mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
+            return ops.double_conv(x, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
+                                   mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias,
+                                   mode2[1], mode2[2], True, mode1[3], mode2[3], bn1.eps, bn2.eps,
+                                   conv1.padding[0], backend=self.backend)
+        x = conv_bn_relu_forward(x, conv1, bn1, self.backend, self.folded[0])
+        return conv_bn_relu_forward(x, conv2, bn2, self.backend, self.folded[1])

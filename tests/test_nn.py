@@ -1,0 +1,130 @@
+"""The fused modules against the nn.Sequential they replace: state_dict, training, eval, caching."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import tutorial_unet
+from conftest import assert_close
+from unet_fast.nn import CropConcat, FusedConvBNReLU, FusedDoubleConv
+from unet_fast import reference
+
+
+def pair(cls, *args, dtype=torch.float64, **kw):
+    """A fused module and a plain nn.Sequential copy of it with the same weights."""
+    fused = cls(*args, **kw).to(dtype)
+    with torch.no_grad():
+        for module in fused.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5), module.bias.uniform_(-0.5, 0.5)
+    plain = copy.deepcopy(fused)
+    plain.__class__ = nn.Sequential
+    return fused, plain
+
+
+def train_steps(model, x, steps=3, lr=0.05):
+    """Outputs, gradients and buffers through SGD steps with a loss that keeps values moderate."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    history = []
+    for _ in range(steps):
+        model.train()
+        out = model(x)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        history.append([out.detach(), *[p.grad.clone() for p in model.parameters()]])
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            history.append([model(x)])
+    history.append([b.clone() for b in model.buffers()])
+    return history
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls, args", [(FusedConvBNReLU, (3, 8)), (FusedDoubleConv, (3, 8, 5))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_eval_train_eval_matches_sequential(cls, args, dtype, channels_last):
+    fused, plain = pair(cls, *args, dtype=dtype)
+    x = torch.randn(2, 3, 17, 12, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for got, want in zip(train_steps(fused, x), train_steps(plain, x)):
+        assert_close(got, want, dtype)
+
+
+def test_state_dict_keys_match_and_tutorial_checkpoints_load():
+    fused, plain = pair(FusedDoubleConv, 3, 8)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    tutorial = tutorial_unet.DoubleConv(3, 8)
+    fused.load_state_dict(tutorial.double_conv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(fused.float().eval()(x), tutorial.eval()(x), torch.float32)
+    assert list(FusedConvBNReLU(3, 4).state_dict()) == list(
+        nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()).state_dict())
+
+
+def test_folded_weights_follow_every_change():
+    fused, plain = pair(FusedDoubleConv, 3, 4)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        first = fused(x)
+        assert fused(x) is not first and torch.equal(fused(x), first)  # cached folding, same value
+        for model in (fused, plain):  # a checkpoint loaded in eval mode
+            model[4].running_var.mul_(3.0)
+            model[0].weight.add_(0.1)
+        assert_close(fused(x), plain(x), torch.float64)
+        fused.load_state_dict(pair(FusedDoubleConv, 3, 4)[1].state_dict())
+        plain.load_state_dict(fused.state_dict())
+        assert_close(fused(x), plain(x), torch.float64)
+
+
+def test_momentum_none_is_a_cumulative_average_and_untracked_stats_work():
+    for kw in ({"momentum": None}, {"track_running_stats": False}):
+        fused, plain = pair(FusedConvBNReLU, 3, 4)
+        for model in (fused, plain):
+            model[1] = nn.BatchNorm2d(4, **kw).double()
+        fused = FusedConvBNReLU.from_modules(*plain)  # shares parameters with `plain`
+        twin = copy.deepcopy(plain)
+        x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+        for _ in range(3):
+            assert_close(fused.train()(x + _), twin.train()(x + _), torch.float64)
+        assert_close(list(plain.buffers()), list(twin.buffers()), torch.float64)
+        with torch.no_grad():
+            assert_close(fused.eval()(x), twin.eval()(x), torch.float64)
+
+
+def test_eval_mode_gradients_reach_every_parameter():
+    fused, plain = pair(FusedDoubleConv, 3, 4)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for model in (fused.eval(), plain.eval()):
+        model(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert_close(grads[0], grads[1], torch.float64)
+
+
+def test_deepcopy_pickle_and_from_modules():
+    fused, _ = pair(FusedDoubleConv, 3, 4)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = fused.eval()(x)
+        for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+            assert_close(clone(x), expected, torch.float64)
+    with pytest.raises(ValueError, match="cannot fuse"):
+        FusedConvBNReLU.from_modules(nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4))
+
+
+def test_reference_backend_runs_the_plain_sequential():
+    fused, plain = pair(FusedDoubleConv, 3, 4, backend="reference")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert fused(x).grad_fn.name() == plain(x).grad_fn.name()  # ReLU, not the fused op
+
+
+def test_crop_concat_module():
+    skip, up = torch.randn(2, 3, 9, 9), torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(CropConcat()(skip, up), reference.crop_concat(skip, up, (9, 9)))

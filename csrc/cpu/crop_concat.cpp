@@ -43,29 +43,37 @@ inline void copy_row(char* dst, const char* src, int64_t W, int64_t src_width, i
                      int64_t es) {
   const int64_t begin = std::clamp<int64_t>(left, 0, W);
   const int64_t end = std::clamp<int64_t>(src_width + left, begin, W);
-  std::memset(dst, 0, begin * es);
+  if (begin > 0) std::memset(dst, 0, begin * es);
   std::memcpy(dst + begin * es, src + (begin - left) * es, (end - begin) * es);
-  std::memset(dst + end * es, 0, (W - end) * es);
+  if (end < W) std::memset(dst + end * es, 0, (W - end) * es);
 }
 
 void shifted_concat_nchw(at::Tensor& dst, const std::vector<RawSource>& sources) {
   const int64_t C = dst.size(1), H = dst.size(2), W = dst.size(3), es = dst.element_size();
   char* out = static_cast<char*>(dst.data_ptr());
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1));
-  at::parallel_for(0, dst.size(0) * C * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t h = row % H, c = (row / H) % C, n = row / (H * C);
-      char* dst_row = out + row * W * es;
+  // One task per (n, c) plane: the source and its offsets are fixed along a plane, so the rows
+  // are plain memcpy/memset calls with no per-row index arithmetic.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(H * W, 1));
+  at::parallel_for(0, dst.size(0) * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % C, n = plane / C;
       const RawSource* s = &sources[0];
       while (c >= s->channel_end) ++s;
-      const int64_t hs = h - s->top;
-      if (hs < 0 || hs >= s->height) {
-        std::memset(dst_row, 0, W * es);
-        continue;
+      const char* src = s->data + (n * s->stride_n + (c - s->channel_begin) * s->stride_c) * es;
+      char* dst_row = out + plane * H * W * es;
+      const int64_t h_begin = std::clamp<int64_t>(s->top, 0, H);
+      const int64_t h_end = std::clamp<int64_t>(s->height + s->top, h_begin, H);
+      std::memset(dst_row, 0, h_begin * W * es);
+      dst_row += h_begin * W * es;
+      if (s->left == 0 && s->width == W && s->stride_h == W) {  // whole rows, dense: one copy
+        std::memcpy(dst_row, src + (h_begin - s->top) * W * es, (h_end - h_begin) * W * es);
+        dst_row += (h_end - h_begin) * W * es;
+      } else {
+        for (int64_t h = h_begin; h < h_end; ++h, dst_row += W * es) {
+          copy_row(dst_row, src + (h - s->top) * s->stride_h * es, W, s->width, s->left, es);
+        }
       }
-      const char* src_row =
-          s->data + (n * s->stride_n + (c - s->channel_begin) * s->stride_c + hs * s->stride_h) * es;
-      copy_row(dst_row, src_row, W, s->width, s->left, es);
+      std::memset(dst_row, 0, (H - h_end) * W * es);
     }
   });
 }

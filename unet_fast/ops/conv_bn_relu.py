@@ -191,10 +191,17 @@ def _fake_conv_bias_relu(x, weight, bias, padding):
 
 # --- autograd ---
 
+def _no_statistics_grads(ctx, output):
+    """The statistics and conv outputs returned for backward take no gradient: keep autograd from
+    materialising zero gradients for them (a full activation-sized fill each)."""
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
 def _bn_setup(ctx, inputs, output):
     y, weight, bias = inputs[:3]
     ctx.save_for_backward(y, weight, bias, output[1], output[2])
-    ctx.mark_non_differentiable(*output[1:])
+    _no_statistics_grads(ctx, output)
 
 
 def _bn_backward(ctx, grad_out, *_):
@@ -233,7 +240,7 @@ def _conv_setup(ctx, inputs, output):
     x, weight, bias, bn_weight, bn_bias = inputs[:5]
     ctx.save_for_backward(x, weight, output[1], bn_weight, bn_bias, output[2], output[3])
     ctx.has_bias, ctx.padding = bias is not None, inputs[-1]
-    ctx.mark_non_differentiable(*output[1:])
+    _no_statistics_grads(ctx, output)
 
 
 def _conv_backward(ctx, grad_out, *_):
@@ -251,7 +258,7 @@ def _double_setup(ctx, inputs, output):
     ctx.save_for_backward(x, w1, y1, g1, be1, mean1, invstd1, w2, y2, g2, be2, mean2, invstd2)
     ctx.has_bias = (b1 is not None, b2 is not None)
     ctx.padding = inputs[-1]
-    ctx.mark_non_differentiable(*output[1:])
+    _no_statistics_grads(ctx, output)
 
 
 def _double_backward(ctx, grad_out, *_):

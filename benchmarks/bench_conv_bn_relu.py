@@ -1,0 +1,80 @@
+"""BN+ReLU, double_conv (training memory and eval speed): fused vs reference, both layouts.
+
+    pytest benchmarks/bench_conv_bn_relu.py --benchmark-only --benchmark-group-by=func,param:case,param:layout
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unet_fast import ops
+from unet_fast.bench import saved_bytes
+from unet_fast.nn import FusedDoubleConv
+
+CASES = {"64x256": (2, 64, 256, 256), "512x32": (2, 512, 32, 32)}
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def activation(case, layout):
+    return torch.randn(CASES[case]).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_bn_relu_forward_backward(benchmark, case, layout, impl):
+    """BatchNorm (batch statistics) + ReLU, forward and backward."""
+    y = activation(case, layout)
+    c = y.shape[1]
+    weight, bias = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    mean, var = torch.zeros(c), torch.ones(c)
+    grad = torch.randn_like(y)
+
+    def fused():
+        out = ops.batch_norm_relu(y, weight, bias, mean, var)
+        torch.autograd.grad(out, (y, weight, bias), grad)
+
+    def reference():
+        out = F.relu(F.batch_norm(y, mean, var, weight, bias, True))
+        torch.autograd.grad(out, (y, weight, bias), grad)
+
+    benchmark(fused if impl == "fused" else reference)
+
+
+def double_conv_pair(c):
+    fused = FusedDoubleConv(c, c)
+    plain = copy.deepcopy(fused)
+    plain.__class__ = nn.Sequential
+    return {"fused": fused, "reference": plain}
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_double_conv_training(benchmark, case, layout, impl):
+    """Training forward + backward; saved-for-backward bytes in extra_info."""
+    x = activation(case, layout)
+    model = double_conv_pair(x.shape[1])[impl].train().to(memory_format=LAYOUTS[layout])
+    benchmark.extra_info["saved_bytes"] = saved_bytes(model, x)
+
+    def step():
+        model(x).sum().backward()
+
+    benchmark(step)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_double_conv_eval(benchmark, case, layout, impl):
+    """Inference: BatchNorm folded into the convs, ReLU fused (fused) vs the module as written."""
+    x = activation(case, layout).detach()
+    model = double_conv_pair(x.shape[1])[impl].eval().to(memory_format=LAYOUTS[layout])
+
+    def run():
+        with torch.no_grad():
+            model(x)
+
+    benchmark(run)

@@ -1,0 +1,78 @@
+"""Fused vs reference ratios for the op targets, measured interleaved in one process.
+
+pytest-benchmark runs each case's rounds back to back; on a shared 2-core machine the speed drifts
+between cases, so the ratios quoted in notes come from here: every round times the fused and the
+reference version one after the other, and the ratio is of the medians.
+
+    python benchmarks/interleaved.py [--rounds 15]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import bench_conv_bn_relu as conv_cases
+import bench_crop_concat as crop_cases
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
+    times = {name: [] for name in fns}
+    for i in range(warmup + rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class Recorder:
+    """Stands in for pytest-benchmark's fixture: keeps the function instead of timing it."""
+
+    def __init__(self):
+        self.extra_info, self.fn = {}, None
+
+    def __call__(self, fn, *args):
+        self.fn = lambda: fn(*args)
+
+
+def case_fns(test, **params):
+    fns, info = {}, {}
+    for impl in ("fused", "reference"):
+        recorder = Recorder()
+        test(recorder, impl=impl, **params)
+        fns[impl], info[impl] = recorder.fn, recorder.extra_info
+    return fns, info
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference time / fused time "
+          f"(medians of {args.rounds} interleaved rounds)")
+    suites = [("BN+ReLU fwd+bwd", conv_cases.test_bn_relu_forward_backward, conv_cases.CASES),
+              ("double_conv eval", conv_cases.test_double_conv_eval, conv_cases.CASES),
+              ("double_conv train step", conv_cases.test_double_conv_training, conv_cases.CASES),
+              ("crop_concat forward", crop_cases.test_crop_concat_forward, crop_cases.CASES)]
+    for title, test, cases in suites:
+        for case in cases:
+            for layout in ("nchw", "nhwc"):
+                params = {"case": case}
+                if test is crop_cases.test_crop_concat_forward:
+                    params["channels_last"] = layout == "nhwc"
+                else:
+                    params["layout"] = layout
+                fns, info = case_fns(test, **params)
+                t = interleaved(fns, args.rounds)
+                line = f"{title:24} {case:18} {layout}: {t['reference'] / t['fused']:5.2f}x"
+                if "saved_bytes" in info["fused"]:
+                    ratio = info["fused"]["saved_bytes"] / info["reference"]["saved_bytes"]
+                    line += f"   saved-for-backward bytes {ratio:.3f}x"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -205,6 +205,8 @@ def _bn_setup(ctx, inputs, output):
 
 
 def _bn_backward(ctx, grad_out, *_):
+    if grad_out is None:
+        return (None,) * 4
     y, weight, bias, mean, invstd = ctx.saved_tensors
     grad_y, grad_weight, grad_bias = torch.ops.unet_fast.batch_norm_relu_backward(
         grad_out, y, weight, bias, mean, invstd)
@@ -244,6 +246,8 @@ def _conv_setup(ctx, inputs, output):
 
 
 def _conv_backward(ctx, grad_out, *_):
+    if grad_out is None:
+        return (None,) * 7
     x, weight, y, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
     grad_x, *grads = torch.ops.unet_fast.conv_bn_relu_backward(
         grad_out, x, weight, ctx.has_bias, y, bn_weight, bn_bias, mean, invstd, ctx.padding,
@@ -262,6 +266,8 @@ def _double_setup(ctx, inputs, output):
 
 
 def _double_backward(ctx, grad_out, *_):
+    if grad_out is None:
+        return (None,) * 12
     x, w1, y1, g1, be1, mean1, invstd1, w2, y2, g2, be2, mean2, invstd2 = ctx.saved_tensors
     grads = torch.ops.unet_fast.double_conv_backward(
         grad_out, x, w1, ctx.has_bias[0], y1, g1, be1, mean1, invstd1, w2, ctx.has_bias[1], y2,

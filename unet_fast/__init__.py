@@ -1,7 +1,9 @@
 """unet_fast: fused U-Net kernels for PyTorch and a drop-in UNet."""
 from . import nn, ops, reference
 from ._backend import backends
+from .fuse import fuse
+from .models.unet import UNet
 from .ops import conv_bn_relu, crop_concat, double_conv
 
 __version__ = "0.1.0"
-__all__ = ["backends", "conv_bn_relu", "crop_concat", "double_conv", "nn", "ops", "reference"]
+__all__ = ["UNet", "backends", "fuse", "conv_bn_relu", "crop_concat", "double_conv", "nn", "ops", "reference"]

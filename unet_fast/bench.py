@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import _backend, reference
+from .models.unet import UNet
 
 
 @dataclass
@@ -60,34 +61,33 @@ def run_once(case, x, mode):
     return time.perf_counter() - start, out.detach()
 
 
-def candidate(args):
-    """The model unet_fast offers for these arguments, with a label that says what it is."""
-    model = reference.UNet(3, 2, args.base_features, bilinear=False)
-    return Case("reference UNet again (the fused unet_fast.UNet is not built yet)", model)
-
-
 def bench(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is available")
-    backend = _backend.resolve(args.backend, device)
+    backend = _backend.resolve(args.backend, device, "conv_bn_relu")
     dtype = getattr(torch, args.dtype)
     baseline = Case("tutorial UNet (reference, eager)",
                     reference.UNet(3, 2, args.base_features, bilinear=False))
-    ours = candidate(args)
+    ours = Case(f"unet_fast.UNet (fused ops, backend {backend})",
+                UNet(3, 2, args.base_features, bilinear=False, backend=args.backend))
     ours.model.load_state_dict(baseline.model.state_dict())
     cases = [baseline, ours]
     for case in cases:
         case.model.to(device=device, dtype=dtype)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
 
+    # Inference rounds first, then training rounds: each round runs every model once in turn.
+    # (Alternating modes would re-fold each eval-mode weight after every training step.)
     outputs = {}
-    for _ in tqdm(range(args.warmup + args.rounds), desc="bench rounds", file=sys.stderr,
-                  disable=args.quiet):
-        for case in cases:
-            for mode in ("inference", "train"):
-                seconds, outputs[case.label, mode] = run_once(case, x, mode)
-                case.times[mode].append(seconds)
+    with tqdm(total=2 * (args.warmup + args.rounds), desc="bench rounds", file=sys.stderr,
+              disable=args.quiet) as progress:
+        for mode in ("inference", "train"):
+            for _ in range(args.warmup + args.rounds):
+                for case in cases:
+                    seconds, outputs[case.label, mode] = run_once(case, x, mode)
+                    case.times[mode].append(seconds)
+                progress.update()
     result = {
         "config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "backend": backend, "backends": _backend.backends()},

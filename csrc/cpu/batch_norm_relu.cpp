@@ -232,3 +232,8 @@ TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
   m.impl("batch_norm_relu_apply", &unet_fast::batch_norm_relu_apply_cpu);
   m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cpu);
 }
+
+// Eval-mode weights prepacked in oneDNN's blocked layout (an MkldnnCPU tensor) dispatch here.
+TORCH_LIBRARY_IMPL(unet_fast, MkldnnCPU, m) {
+  m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cpu);
+}

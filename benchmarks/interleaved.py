@@ -16,14 +16,22 @@ import bench_conv_bn_relu as conv_cases
 import bench_crop_concat as crop_cases
 
 
-def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
+def interleaved(fns: dict, rounds: int, warmup: int = 2, block_seconds: float = 0.05) -> dict:
+    """Median seconds per call of each function. A round times a block of calls of each function
+    in turn; blocks repeat fast functions so each lasts about `block_seconds`."""
+    repeats = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        repeats[name] = max(1, round(block_seconds / max(time.perf_counter() - start, 1e-6)))
     times = {name: [] for name in fns}
     for i in range(warmup + rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
+            for _ in range(repeats[name]):
+                fn()
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / repeats[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 

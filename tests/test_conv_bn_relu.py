@@ -70,7 +70,7 @@ def run_both(shape, dtype, x_layout, training=True, steps=3, op="conv_bn_relu", 
 def test_training_matches_reference(op, dtype, shape, x_layout):
     if op == "double_conv" and shape[3] * shape[4] == 1:
         shape = (*shape[:5], 1)  # padding 1 keeps 1x1 through both convs
-    results, stats_fused, stats_ref = run_both(shape, dtype, x_layout, op=op, steps=2)
+    results, stats_fused, stats_ref = run_both(shape, dtype, x_layout, op=op, steps=3)
     for fused, ref in results:
         if dtype == torch.float32:
             # BatchNorm removes the conv bias: its exact gradient is 0, and what float32 computes
@@ -142,7 +142,7 @@ def test_opcheck_every_op():
         (torch.ops.unet_fast.conv_bn_relu.default, (x, w, None, None, None, 1e-5, 0)),
         (torch.ops.unet_fast.double_conv.default, (x, w, b, g, be, w2, None, g2, be2, 1e-5, 1e-3, 1)),
         (torch.ops.unet_fast.batch_norm_relu.default, (y.detach().requires_grad_(), g, be, 1e-5)),
-        (torch.ops.unet_fast.batch_norm_relu_apply.default, (y, g, be, mean, invstd)),
+        (torch.ops.unet_fast.batch_norm_relu_apply.default, (y, gd, bed, mean, invstd)),
         (torch.ops.unet_fast.batch_norm_relu_backward.default, (grad, y, gd, bed, mean, invstd)),
         (torch.ops.unet_fast.conv_bias_relu.default, (x, w, b, 1)),
         (torch.ops.unet_fast.conv_bn_relu_backward.default,

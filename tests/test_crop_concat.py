@@ -106,6 +106,7 @@ def test_backend_choice():
     (lambda s, u: (s, u, (-1, 4)), ValueError, r"size must be two non-negative integers"),
     (lambda s, u: (s, u, (4,)), ValueError, r"size must be two non-negative integers"),
     (lambda s, u: (s.long(), u.long(), None), TypeError, "skip must be float32"),
+    (lambda s, u: (s, u.to("meta"), None), ValueError, "up is on meta but skip is on cpu"),
 ])
 def test_bad_input_raises_a_clear_error(make, error, message):
     skip, up, _ = inputs(GEOMETRIES[3])

@@ -40,10 +40,16 @@ struct Io<c10::BFloat16> {
 struct Shape {
   int64_t N, C, HW;
   bool nhwc;
+  // Rows of an NHWC tile: about 16K elements (in L2 while its channel blocks are swept), 64 to
+  // 256 rows; at most that many terms per vector lane are summed in acc_t before going to double.
+  int64_t row_tile() const { return std::clamp<int64_t>(16384 / std::max<int64_t>(C, 1), 64, 256); }
 };
 
 // out[i] = op(y[i], dy[i], coefficients of i's channel), with K per-channel coefficient arrays.
 // `vop` works on vectors, `sop` on scalars (tails); dy may be null when op ignores it.
+// Vectors per channel block in the NHWC loops: one 64-byte cache line of float32 with AVX2.
+constexpr int64_t U = 2;
+
 template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
 void channelwise_map(scalar_t* out, const scalar_t* y, const scalar_t* dy, Shape s,
                      const std::array<const at::opmath_type<scalar_t>*, K>& coef, VecOp vop,
@@ -71,20 +77,29 @@ void channelwise_map(scalar_t* out, const scalar_t* y, const scalar_t* dy, Shape
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, 4096 / s.C);
-  at::parallel_for(0, s.N * s.HW, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t base = row * s.C;
+  // NHWC: tiles of rows (small enough to stay in L2); within a tile, one block of U vectors of
+  // channels (a cache line) at a time down the rows, so its coefficients stay in registers.
+  const int64_t row_tile = s.row_tile();
+  at::parallel_for(0, s.N * s.HW, row_tile, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; tile += row_tile) {
+      const int64_t tile_end = std::min(end, tile + row_tile);
       int64_t c = 0;
-      for (; c + V <= s.C; c += V) {
-        std::array<Vec, K> cv;
-        for (size_t k = 0; k < K; ++k) cv[k] = Vec::loadu(coef[k] + c);
-        Io<scalar_t>::store(out + base + c, vop(load(y, base + c), load(dy, base + c), cv));
+      for (; c + U * V <= s.C; c += U * V) {
+        std::array<std::array<Vec, K>, U> cv;
+        for (int64_t u = 0; u < U; ++u)
+          for (size_t k = 0; k < K; ++k) cv[u][k] = Vec::loadu(coef[k] + c + u * V);
+        for (int64_t i = tile * s.C + c; i < tile_end * s.C; i += s.C) {
+          for (int64_t u = 0; u < U; ++u) {
+            Io<scalar_t>::store(out + i + u * V, vop(load(y, i + u * V), load(dy, i + u * V), cv[u]));
+          }
+        }
       }
       for (; c < s.C; ++c) {
         std::array<acc_t, K> cs;
         for (size_t k = 0; k < K; ++k) cs[k] = coef[k][c];
-        out[base + c] = static_cast<scalar_t>(sop(at_(y, base + c), at_(dy, base + c), cs));
+        for (int64_t i = tile * s.C + c; i < tile_end * s.C; i += s.C) {
+          out[i] = static_cast<scalar_t>(sop(at_(y, i), at_(dy, i), cs));
+        }
       }
     }
   });
@@ -135,39 +150,52 @@ std::pair<std::vector<double>, std::vector<double>> channelwise_sums(
     });
     return {sum_a, sum_b};
   }
-  // NHWC: each chunk of rows sums into its own per-channel partials, combined once at the end.
+  // NHWC: each chunk of rows sums into its own per-channel partials, combined once at the end;
+  // within a chunk, tiles of rows are swept one channel block at a time (accumulators in registers).
   const int64_t rows = s.N * s.HW;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, rows));
   std::vector<double> partial(2 * chunks * s.C, 0.0);
+  const int64_t row_tile = s.row_tile();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> block(2 * s.C);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* part_a = partial.data() + 2 * chunk * s.C;
       double* part_b = part_a + s.C;
       const int64_t row_end = rows * (chunk + 1) / chunks;
-      for (int64_t row = rows * chunk / chunks; row < row_end;) {
-        std::fill(block.begin(), block.end(), acc_t(0));
-        for (int64_t stop = std::min(row_end, row + kBlock); row < stop; ++row) {
-          const int64_t base = row * s.C;
-          int64_t c = 0;
-          for (; c + V <= s.C; c += V) {
-            std::array<Vec, K> cv;
-            for (size_t k = 0; k < K; ++k) cv[k] = Vec::loadu(coef[k] + c);
-            auto [a, b] = vop(load(y, base + c), load(dy, base + c), cv);
-            (Vec::loadu(&block[c]) + a).store(&block[c]);
-            (Vec::loadu(&block[s.C + c]) + b).store(&block[s.C + c]);
+      for (int64_t tile = rows * chunk / chunks; tile < row_end; tile += row_tile) {
+        const int64_t tile_end = std::min(row_end, tile + row_tile);
+        int64_t c = 0;
+        for (; c + U * V <= s.C; c += U * V) {
+          std::array<std::array<Vec, K>, U> cv;
+          std::array<Vec, U> acc_a, acc_b;
+          for (int64_t u = 0; u < U; ++u) {
+            for (size_t k = 0; k < K; ++k) cv[u][k] = Vec::loadu(coef[k] + c + u * V);
+            acc_a[u] = acc_b[u] = Vec(0);
           }
-          for (; c < s.C; ++c) {
-            std::array<acc_t, K> cs;
-            for (size_t k = 0; k < K; ++k) cs[k] = coef[k][c];
-            auto [a, b] = sop(at_(y, base + c), at_(dy, base + c), cs);
-            block[c] += a;
-            block[s.C + c] += b;
+          for (int64_t i = tile * s.C + c; i < tile_end * s.C; i += s.C) {
+            for (int64_t u = 0; u < U; ++u) {
+              auto [a, b] = vop(load(y, i + u * V), load(dy, i + u * V), cv[u]);
+              acc_a[u] += a;
+              acc_b[u] += b;
+            }
+          }
+          acc_t lanes_a[U * V], lanes_b[U * V];
+          for (int64_t u = 0; u < U; ++u) {
+            acc_a[u].store(lanes_a + u * V);
+            acc_b[u].store(lanes_b + u * V);
+          }
+          for (int64_t v = 0; v < U * V; ++v) {
+            part_a[c + v] += lanes_a[v];
+            part_b[c + v] += lanes_b[v];
           }
         }
-        for (int64_t c = 0; c < s.C; ++c) {
-          part_a[c] += block[c];
-          part_b[c] += block[s.C + c];
+        for (; c < s.C; ++c) {
+          std::array<acc_t, K> cs;
+          for (size_t k = 0; k < K; ++k) cs[k] = coef[k][c];
+          for (int64_t i = tile * s.C + c; i < tile_end * s.C; i += s.C) {
+            auto [a, b] = sop(at_(y, i), at_(dy, i), cs);
+            part_a[c] += a;
+            part_b[c] += b;
+          }
         }
       }
     }

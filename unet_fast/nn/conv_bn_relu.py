@@ -72,9 +72,9 @@ def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights):
     """One Conv -> BN -> ReLU through the fused ops, as nn.Sequential(conv, bn, relu) would."""
     batch_stats, running_mean, running_var, momentum = batch_norm_mode(bn)
     params = (conv.weight, conv.bias, bn.weight, bn.bias)
-    if batch_stats or torch.compiler.is_compiling() or (
+    if batch_stats or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or (
             torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-        # training, tracing, or eval that trains parameters: fold (if at all) differentiably
+        # training, tracing, autocast, or eval that trains parameters: fold (if at all) per call
         return ops.conv_bn_relu(x, *params, running_mean, running_var, batch_stats, momentum,
                                 bn.eps, conv.padding[0], backend=backend)
     return ops.conv_bias_relu(x, *folded(conv, bn, x), conv.padding[0], backend=backend)

@@ -49,6 +49,16 @@ def _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, paddi
                          f"{(x.shape[0], c_out, h, w)}")
 
 
+def _autocast(*tensors):
+    """Under torch.autocast the convolution inputs take the autocast dtype, as F.conv2d's would;
+    BatchNorm parameters and statistics stay in float32."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -89,6 +99,7 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     Without running statistics (track_running_stats=False) batch statistics are always used.
     """
     batch_stats = training or running_mean is None
+    x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, padding, batch_stats)
     if _backend.resolve(backend, x.device, "conv_bn_relu") == "reference":
         return reference.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean,
@@ -111,6 +122,7 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: i
                    backend: str = "auto") -> Tensor:
     """relu(conv2d(x, weight, bias, padding=padding)) with the ReLU fused into the convolution:
     the eval path once BatchNorm is folded into weight and bias (see `fold`)."""
+    x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, None, None, None, None, padding, False)
     if _backend.resolve(backend, x.device, "conv_bn_relu") == "reference":
         return reference.conv_bias_relu(x, weight, bias, padding)
@@ -129,6 +141,7 @@ def double_conv(x: Tensor, weight1, bias1, bn_weight1, bn_bias1, running_mean1, 
                          training, momentum1, eps1, padding, backend=backend)
         return conv_bn_relu(x, weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
                             training, momentum2, eps2, padding, backend=backend)
+    x, weight1, bias1, weight2, bias2 = _autocast(x, weight1, bias1, weight2, bias2)
     _check(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1, padding, True)
     h1 = x.shape[2] + 2 * padding - weight1.shape[2] + 1
     w1 = x.shape[3] + 2 * padding - weight1.shape[3] + 1

@@ -113,3 +113,12 @@ def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
     x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
     for got, want in zip(run(model, x, steps=2), run(plain, x, steps=2)):
         assert_close(got, want, torch.float64)
+
+
+def test_checkpointing_keeps_results_and_running_statistics():
+    _, ref = twins(torch.float64, bilinear=False)
+    lean = unet_fast.UNet(3, 2, base_features=4, bilinear=False, checkpointing=True).double()
+    lean.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for got, want in zip(run(lean, x), run(ref, x)):  # includes every buffer at the end
+        assert_close(got, want, torch.float64)

@@ -1,5 +1,6 @@
 """unet_fast.UNet: the tutorial's U-Net on the fused ops, a drop-in for the reference UNet."""
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .. import _backend, ops, reference
 from ..fuse import fuse
@@ -13,18 +14,27 @@ class UNet(reference.UNet):
     Keyword-only extras:
         padding: "same" (any size >= 16) or "valid" (the paper's 572 -> 388 geometry)
         backend: "auto" | "cpu" | "cuda" | "triton" | "reference" for every op
+        checkpointing: recompute the encoder blocks in backward instead of keeping their
+            activations (the tutorial's MemoryEfficientUNet); running statistics are updated
+            once per step all the same
     On the CPU the network runs internally in channels_last (oneDNN's fastest layout) and returns
     the memory format it was given.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, base_features: int = 64,
-                 bilinear: bool = True, *, padding: str = "same", backend: str = "auto"):
+                 bilinear: bool = True, *, padding: str = "same", backend: str = "auto",
+                 checkpointing: bool = False):
         super().__init__(in_channels, num_classes, base_features, bilinear, padding=padding)
-        self.backend = backend
+        self.backend, self.checkpointing = backend, checkpointing
         fuse(self, backend=backend)
         # channels_last weights too: weight gradients then come out in the parameters' own layout
         # instead of being copied into it on every step
         self.to(memory_format=torch.channels_last)
+
+    def _encode(self, block, x):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def _decode(self, block, x, skip):
         x = block.up(x)
@@ -38,11 +48,11 @@ class UNet(reference.UNet):
         fmt = torch._prims_common.suggest_memory_format(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x1 = self.inc(x)
-        x2 = self.down1(x1)
-        x3 = self.down2(x2)
-        x4 = self.down3(x3)
-        x5 = self.down4(x4)
+        x1 = self._encode(self.inc, x)
+        x2 = self._encode(self.down1, x1)
+        x3 = self._encode(self.down2, x2)
+        x4 = self._encode(self.down3, x3)
+        x5 = self._encode(self.down4, x4)
         x = self._decode(self.up1, x5, x4)
         x = self._decode(self.up2, x, x3)
         x = self._decode(self.up3, x, x2)

@@ -22,9 +22,19 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
             and conv.padding[0] == conv.padding[1])
 
 
+def recomputing() -> bool:
+    """True while a forward runs again inside backward (activation checkpointing)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def batch_norm_mode(bn: nn.BatchNorm2d):
     """(use batch statistics, running_mean, running_var, momentum factor), exactly as
-    nn.BatchNorm2d.forward decides them (it also counts the batch in num_batches_tracked)."""
+    nn.BatchNorm2d.forward decides them (it also counts the batch in num_batches_tracked).
+
+    A forward recomputed by activation checkpointing uses the same batch statistics but updates
+    nothing, so checkpointed training keeps the running statistics of plain training."""
+    if bn.training and recomputing():
+        return True, None, None, 0.0
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)

@@ -122,3 +122,30 @@ def test_checkpointing_keeps_results_and_running_statistics():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for got, want in zip(run(lean, x), run(ref, x)):  # includes every buffer at the end
         assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_pytorch_unet_checkpoints_with_and_without_conv_biases(bilinear, tmp_path):
+    ref = twins(torch.float64, bilinear=bilinear)[1]
+    with torch.no_grad():  # an older Pytorch-UNet: every 3x3 conv has a bias
+        for m in ref.modules():
+            if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d):
+                for i in (0, 3):
+                    conv = nn.Conv2d(m[i].in_channels, m[i].out_channels, 3, padding=1).double()
+                    conv.weight.copy_(m[i].weight)
+                    m[i] = conv
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    state = {k.replace("outc.", "outc.conv."): v for k, v in ref.state_dict().items()}
+    state["mask_values"] = [0, 1]
+    torch.save(state, tmp_path / "checkpoint.pth")
+    ours = unet_fast.from_pytorch_unet(str(tmp_path / "checkpoint.pth"))
+    assert ours.bilinear is bilinear and ours.num_classes == 2 and ours.in_channels == 3
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for got, want in zip(run(ours, x, steps=2)[:-1], run(ref, x, steps=2)[:-1]):
+        assert_close(got[:1], want[:1], torch.float64)  # outputs, train and eval
+    with pytest.raises(ValueError, match="not a Pytorch-UNet"):
+        unet_fast.from_pytorch_unet({"fc.weight": torch.zeros(2, 2)})
+    state.pop("up2.up.weight", None), state.pop("down2.maxpool_conv.1.double_conv.1.bias")
+    with pytest.raises(ValueError, match="missing"):
+        unet_fast.from_pytorch_unet(state)

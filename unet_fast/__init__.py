@@ -3,8 +3,9 @@ from . import nn, ops, reference
 from ._backend import backends
 from .fuse import fuse
 from .models.checkpoints import from_pytorch_unet
+from .models.memory import estimate_memory, visualize_activations
 from .models.unet import UNet
 from .ops import conv_bn_relu, crop_concat, double_conv
 
 __version__ = "0.1.0"
-__all__ = ["UNet", "backends", "from_pytorch_unet", "fuse", "conv_bn_relu", "crop_concat", "double_conv", "nn", "ops", "reference"]
+__all__ = ["UNet", "backends", "estimate_memory", "from_pytorch_unet", "fuse", "conv_bn_relu", "crop_concat", "double_conv", "nn", "ops", "reference", "visualize_activations"]

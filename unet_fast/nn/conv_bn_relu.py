@@ -23,8 +23,9 @@ def fusable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def recomputing() -> bool:
-    """True while a forward runs again inside backward (activation checkpointing)."""
-    return torch._C._current_graph_task_id() != -1
+    """True while a forward runs again inside backward (activation checkpointing). A traced
+    forward (torch.compile) is the real one."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def batch_norm_mode(bn: nn.BatchNorm2d):

@@ -88,3 +88,48 @@ def test_copies_compute_the_same(clone):
             other = unet_fast.UNet(3, 2, base_features=4, bilinear=False).eval()
             other.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
         torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+
+
+def test_onnx_export_is_a_standard_graph_that_onnxruntime_runs(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    ours, ref = twins()
+    ours.eval(), ref.eval()
+    x = torch.randn(1, 3, 32, 32)
+    program = torch.onnx.export(ours, (x,), dynamo=True)
+    ops = {node.op_type for node in program.model_proto.graph.node}
+    assert ops <= {"Conv", "ConvTranspose", "Relu", "MaxPool", "Concat", "Pad",
+                   "BatchNormalization", "Slice", "Add", "Mul"}, ops
+    program.save(str(tmp_path / "unet.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "unet.onnx"))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(out), ref(x), torch.float32)
+
+
+def test_distributed_data_parallel_wraps_it():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    ours, ref = twins()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(ours)
+        x = torch.randn(2, 3, 32, 32)
+        model(x).square().mean().backward()
+        ref(x).square().mean().backward()
+        assert_close([p.grad for p in ours.parameters()], [p.grad for p in ref.parameters()],
+                     torch.float32)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shape, dtype, error, message", [
+    ((3, 32, 32), torch.float32, ValueError, r"4-D input \(N, 3, H, W\)"),
+    ((1, 1, 32, 32), torch.float32, ValueError, "expects 3 input channels"),
+    ((1, 3, 32, 32), torch.int64, TypeError, "floating-point"),
+    ((1, 3, 12, 32), torch.float32, ValueError, "minimum is 16"),
+])
+def test_bad_input_raises_a_clear_error(shape, dtype, error, message):
+    ours, _ = twins()
+    with pytest.raises(error, match=message):
+        ours(torch.zeros(shape, dtype=dtype))

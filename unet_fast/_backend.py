@@ -47,6 +47,8 @@ def default_backend(op: str, device_type: str) -> str:
 
 def resolve(backend: str, device: torch.device, op: str) -> str:
     """The backend that runs `op` on `device`: validates an explicit choice, resolves "auto"."""
+    if torch.onnx.is_in_onnx_export():
+        return "reference"  # ONNX has no unet_fast ops: export the standard graph they compute
     if backend == "auto":
         backend = os.environ.get("UNET_FAST_BACKEND", "auto")
     if backend not in NAMES:

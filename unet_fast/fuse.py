@@ -1,39 +1,34 @@
-"""fuse(model): swap Conv2d -> BatchNorm2d -> ReLU Sequentials of any model for the fused modules."""
+"""fuse(model): run the Conv2d -> BatchNorm2d -> ReLU Sequentials of any model through the fused ops."""
 from torch import nn
 
-from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, fusable
+from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, runs
 
 
-def _runs(seq: nn.Sequential):
-    """The Sequential's children as (conv, bn, relu) triples, or None if it is anything else."""
+def _fused(seq: nn.Sequential, backend: str):
+    """The fused module for a Sequential, or None when it holds no Conv -> BN -> ReLU run."""
     children = list(seq)
-    if len(children) not in (3, 6):
-        return None
-    triples = [children[i:i + 3] for i in range(0, len(children), 3)]
-    for conv, bn, relu in triples:
-        if not (fusable(conv, bn) and type(relu) is nn.ReLU):
-            return None
-    return triples
+    starts = runs(children)
+    if starts == [0] and len(children) == 3:
+        return FusedConvBNReLU.from_modules(*children, backend=backend)
+    if (starts == [0, 3] and len(children) == 6
+            and children[0].padding == children[3].padding):
+        return FusedDoubleConv.from_modules(*children, backend=backend)
+    return FusedSequential.from_sequential(seq, backend=backend) if starts else None
 
 
 def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
-    """Replaces, in place, every nn.Sequential that is exactly Conv2d -> BatchNorm2d -> ReLU (or two
-    such runs, a double conv) with FusedConvBNReLU / FusedDoubleConv wrapping the same modules, so
-    parameters, buffers and state_dict keys are unchanged. Everything else is left as it is.
+    """Replaces, in place, every nn.Sequential holding Conv2d -> BatchNorm2d -> ReLU runs (the
+    tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's Conv2dReLU, ...) with a
+    fused module wrapping the same children: parameters, buffers and state_dict keys are
+    unchanged. A double conv becomes FusedDoubleConv (which also stores less for backward).
+    Convolutions that are strided, dilated, grouped or not zero-padded are left as they are.
 
     Returns the model, or (model, names of the replaced submodules) with report=True.
     """
     replaced = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Sequential or (triples := _runs(child)) is None:
-                continue
-            modules = [m for triple in triples for m in triple]
-            if len(triples) == 1:
-                fused = FusedConvBNReLU.from_modules(*modules, backend=backend)
-            elif triples[0][0].padding == triples[1][0].padding:
-                fused = FusedDoubleConv.from_modules(*modules, backend=backend)
-            else:
+            if type(child) is not nn.Sequential or (fused := _fused(child, backend)) is None:
                 continue
             fused.train(child.training)
             setattr(module, child_name, fused)

@@ -7,7 +7,25 @@ from ..fuse import fuse
 from .geometry import check_input
 
 
-class UNet(reference.UNet):
+class FusedModel:
+    """What every unet_fast model shares: fused Conv-BN-ReLU runs, channels_last on the CPU."""
+
+    def finish(self):
+        """Fuses every Conv -> BN -> ReLU run and keeps 4-D weights channels_last (so their
+        gradients come out in the parameters' own layout). Call after adding modules."""
+        fuse(self, backend=self.backend)
+        self.to(memory_format=torch.channels_last)
+
+    def layout(self, x):
+        """(x in the layout the network runs in, the memory format to return)."""
+        fmt = torch._prims_common.suggest_memory_format(x)
+        if x.device.type == "cpu" and _backend.resolve(
+                self.backend, x.device, "conv_bn_relu") != "reference":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, fmt
+
+
+class UNet(FusedModel, reference.UNet):
     """The tutorial's UNet (same constructor, submodules and state_dict keys) computing through
     the fused ops: every DoubleConv is a FusedDoubleConv, every skip connection one crop_concat.
 
@@ -26,35 +44,27 @@ class UNet(reference.UNet):
                  checkpointing: bool = False):
         super().__init__(in_channels, num_classes, base_features, bilinear, padding=padding)
         self.backend, self.checkpointing = backend, checkpointing
-        fuse(self, backend=backend)
-        # channels_last weights too: weight gradients then come out in the parameters' own layout
-        # instead of being copied into it on every step
-        self.to(memory_format=torch.channels_last)
+        self.finish()
 
-    def _encode(self, block, x):
+    def encode(self, block, x):
         if self.checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def _decode(self, block, x, skip):
+    def decode(self, level: int, x, skip):
+        """Decoder block `up{level}`: upsample x, join it with the skip, double conv."""
+        block = getattr(self, f"up{level}")
         x = block.up(x)
         size = skip.shape[-2:] if self.padding == "same" else x.shape[-2:]
         return block.conv(ops.crop_concat(skip, x, size, backend=self.backend))
 
     def forward(self, x):
         check_input(x, self.in_channels, self.padding)
-        channels_last = x.device.type == "cpu" and _backend.resolve(
-            self.backend, x.device, "conv_bn_relu") != "reference"
-        fmt = torch._prims_common.suggest_memory_format(x)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x1 = self._encode(self.inc, x)
-        x2 = self._encode(self.down1, x1)
-        x3 = self._encode(self.down2, x2)
-        x4 = self._encode(self.down3, x3)
-        x5 = self._encode(self.down4, x4)
-        x = self._decode(self.up1, x5, x4)
-        x = self._decode(self.up2, x, x3)
-        x = self._decode(self.up3, x, x2)
-        x = self._decode(self.up4, x, x1)
+        x, fmt = self.layout(x)
+        skips = [self.encode(self.inc, x)]
+        for level in range(1, 5):
+            skips.append(self.encode(getattr(self, f"down{level}"), skips[-1]))
+        x = skips.pop()
+        for level in range(1, 5):
+            x = self.decode(level, x, skips.pop())
         return self.outc(x).contiguous(memory_format=fmt)

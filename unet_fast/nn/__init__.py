@@ -1,5 +1,5 @@
 """Modules over the fused ops, state_dict-compatible with the plain modules they replace."""
-from .conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, fusable
+from .conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, fusable
 from .crop_concat import CropConcat
 
-__all__ = ["CropConcat", "FusedConvBNReLU", "FusedDoubleConv", "fusable"]
+__all__ = ["CropConcat", "FusedConvBNReLU", "FusedDoubleConv", "FusedSequential", "fusable"]

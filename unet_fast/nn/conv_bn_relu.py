@@ -158,3 +158,43 @@ class FusedDoubleConv(nn.Sequential):
                                    conv1.padding[0], backend=self.backend)
         x = conv_bn_relu_forward(x, conv1, bn1, self.backend, self.folded[0])
         return conv_bn_relu_forward(x, conv2, bn2, self.backend, self.folded[1])
+
+
+def runs(modules) -> list:
+    """Start indices of the Conv2d -> BatchNorm2d -> ReLU runs in a list of modules."""
+    starts, i = [], 0
+    while i + 2 < len(modules):
+        if fusable(modules[i], modules[i + 1]) and type(modules[i + 2]) is nn.ReLU:
+            starts.append(i)
+            i += 3
+        else:
+            i += 1
+    return starts
+
+
+class FusedSequential(nn.Sequential):
+    """Any nn.Sequential whose Conv2d -> BatchNorm2d -> ReLU runs go through the fused op; its
+    other children run as they are. Children, indices and state_dict keys are unchanged."""
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential, *, backend: str = "auto") -> "FusedSequential":
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, *seq)
+        module.train(seq.training)
+        module.backend = backend
+        module.folded = {start: FoldedWeights() for start in runs(list(seq))}
+        return module
+
+    def forward(self, x):
+        if _backend.resolve(self.backend, x.device, "conv_bn_relu") == "reference":
+            return super().forward(x)
+        children, i = list(self), 0
+        while i < len(children):
+            if i in self.folded:
+                x = conv_bn_relu_forward(x, children[i], children[i + 1], self.backend,
+                                         self.folded[i])
+                i += 3
+            else:
+                x = children[i](x)
+                i += 1
+        return x

@@ -1,0 +1,67 @@
+"""The variants, fused, against the same models run in plain PyTorch (backend="reference")."""
+import pytest
+import torch
+from torch import nn
+
+import unet_fast
+from conftest import assert_close
+from unet_fast.nn import FusedDoubleConv, FusedSequential
+
+VARIANTS = [
+    (unet_fast.AttentionUNet, {"bilinear": False}, FusedDoubleConv),
+    (unet_fast.AttentionUNet, {"bilinear": True}, FusedDoubleConv),
+    (unet_fast.ResUNet, {"bilinear": False}, FusedSequential),
+    (unet_fast.UNetPlusPlus, {"deep_supervision": True}, FusedDoubleConv),
+    (unet_fast.UNetPlusPlus, {"deep_supervision": False}, FusedDoubleConv),
+]
+
+
+def steps(model, x, count=3):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(count):
+        model.train()
+        outs = model(x)
+        outs = outs if isinstance(outs, list) else [outs]
+        optimizer.zero_grad()
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).mean()
+            for o in outs).backward()
+        history.append([o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()])
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            outs = model(x)
+            history.append(outs if isinstance(outs, list) else [outs])
+    return history + [list(model.buffers())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls, kwargs, fused_type", VARIANTS)
+def test_fused_variant_matches_its_plain_pytorch_self(cls, kwargs, fused_type, dtype):
+    fused = cls(3, 2, base_features=4, **kwargs).to(dtype)
+    plain = cls(3, 2, base_features=4, backend="reference", **kwargs).to(dtype)
+    with torch.no_grad():
+        for m in fused.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    assert any(type(m) is fused_type for m in fused.modules())
+    x = torch.randn(2, 3, 37, 45, dtype=dtype)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    for got, want in zip(steps(fused, x), steps(plain, x)):
+        for g, w in zip(got, want):
+            scale = max(w.abs().max().item(), 1.0)
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)
+
+
+def test_variants_keep_the_tutorials_names():
+    att = unet_fast.AttentionUNet(3, 2, base_features=4)
+    assert {"att1.W_g.weight", "att4.psi.1.running_var", "up1.conv.double_conv.0.weight"} <= set(
+        att.state_dict())
+    res = unet_fast.ResUNet(3, 2, base_features=4)
+    assert {"inc.conv.0.weight", "inc.conv.4.running_mean", "inc.shortcut.weight"} <= set(
+        res.state_dict())
+    nested = unet_fast.UNetPlusPlus(3, 2, base_features=4, deep_supervision=True)
+    assert {"conv0_4.double_conv.0.weight", "conv3_1.double_conv.4.bias", "heads.3.weight"} <= set(
+        nested.state_dict())
+    assert nested.conv0_4.double_conv[0].in_channels == 4 * 4 + 8

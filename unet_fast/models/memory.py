@@ -10,12 +10,13 @@ def estimate_memory(batch_size: int, image_size: Union[int, Sequence[int]], base
     """Bytes autograd keeps for backward in one training step of a same-padding UNet: unet_fast's
     (fused=True) or the tutorial's (fused=False).
 
-    The tutorial's estimate counted each encoder output twice. What a step really keeps, per
-    double conv: its input, both conv outputs y1 and y2, per-channel statistics, and its output
-    relu(bn(y2)) when something needs it (the tutorial's ReLU always; in the fused model the next
-    pooling, transposed convolution or head, not a bilinear upsampling), plus relu(bn(y1)) in
-    the tutorial's version (the fused op recomputes it); per pooling, int64 indices.
-    Concatenation keeps nothing.
+    The tutorial's estimate counted each encoder output twice. What the tutorial's model really
+    keeps, per double conv: its input, both conv outputs y1 and y2, relu(bn(y1)), relu(bn(y2))
+    and per-channel statistics; per pooling, int64 indices. unet_fast's keeps, per double conv,
+    its input (in the decoder only the upsampled half of the concatenation: the skip half is
+    recomputed from the encoder's y2), y1, y2 and the statistics; the block output only where a
+    transposed convolution or the head needs it (pooling and joins recompute it, bilinear
+    upsampling needs nothing).
     """
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     width = torch.finfo(dtype).bits // 8
@@ -24,7 +25,7 @@ def estimate_memory(batch_size: int, image_size: Union[int, Sequence[int]], base
     def activation(channels, size, element=width):
         return batch_size * channels * size[0] * size[1] * element
 
-    def double_conv(c_in, c_mid, c_out, size, output_kept=True):
+    def double_conv(c_in, c_mid, c_out, size, output_kept):
         kept = activation(c_in, size) + activation(c_mid, size) + activation(c_out, size)
         if output_kept or not fused:
             kept += activation(c_out, size)
@@ -37,14 +38,16 @@ def estimate_memory(batch_size: int, image_size: Union[int, Sequence[int]], base
     sizes = [(h, w)]
     for _ in range(4):
         sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
-    total = double_conv(in_channels, f[0], f[0], sizes[0])
+    total = double_conv(in_channels, f[0], f[0], sizes[0], output_kept=False)
     for k in range(1, 5):
         out = f[k] // factor if k == 4 else f[k]
-        total += activation(f[k - 1], sizes[k], element=8)  # pooling indices
-        total += double_conv(f[k - 1], out, out, sizes[k], output_kept=k < 4 or not bilinear)
+        if not fused:
+            total += activation(f[k - 1], sizes[k], element=8)  # pooling indices
+        total += double_conv(f[k - 1], out, out, sizes[k], output_kept=k == 4 and not bilinear)
     for k in range(3, -1, -1):
         out = f[k] // factor if k > 0 else f[0]
-        total += double_conv(f[k + 1], f[k + 1] // 2 if bilinear else out, out, sizes[k],
+        kept_input = f[k] if fused else f[k + 1]  # the upsampled half, or the whole join
+        total += double_conv(kept_input, f[k + 1] // 2 if bilinear else out, out, sizes[k],
                              output_kept=k == 0 or not bilinear)
     return total
 

@@ -3,6 +3,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import _backend, ops, reference
+from ..ops import recompute
 from ..fuse import fuse
 from .geometry import check_input
 
@@ -46,25 +47,42 @@ class UNet(FusedModel, reference.UNet):
         self.backend, self.checkpointing = backend, checkpointing
         self.finish()
 
-    def encode(self, block, x):
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+    def encode(self, level: int, x, recipe=None):
+        """Encoder level 0 (`inc`) or `down{level}` (pool, then double conv): (output, recipe).
 
-    def decode(self, level: int, x, skip):
+        In training the pooling and the decoder's join keep the recipe of the block's output
+        (its conv output and statistics, kept anyway) instead of the output: see ops.recompute.
+        That path calls the block's children, not the block (forward hooks on `down1` run in
+        eval and without gradients).
+        """
+        block = getattr(self, "inc" if level == 0 else f"down{level}")
+        if not (self.training and torch.is_grad_enabled()):
+            return block(x), None
+        if self.checkpointing:
+            return checkpoint(block, x, use_reentrant=False), None
+        if level:
+            pool, block = block.maxpool_conv
+            x = recompute.max_pool2d(x, recipe) if recipe is not None else pool(x)
+        forward_recipe = getattr(getattr(block, "double_conv", None), "forward_recipe", None)
+        return forward_recipe(x) if forward_recipe else (block(x), None)
+
+    def decode(self, level: int, x, skip, recipe=None):
         """Decoder block `up{level}`: upsample x, join it with the skip, double conv."""
         block = getattr(self, f"up{level}")
         x = block.up(x)
         size = skip.shape[-2:] if self.padding == "same" else x.shape[-2:]
+        forward_joined = getattr(getattr(block.conv, "double_conv", None), "forward_joined", None)
+        if forward_joined is not None:
+            return forward_joined(skip, x, size, recipe)
         return block.conv(ops.crop_concat(skip, x, size, backend=self.backend))
 
     def forward(self, x):
         check_input(x, self.in_channels, self.padding)
         x, fmt = self.layout(x)
-        skips = [self.encode(self.inc, x)]
+        skips = [self.encode(0, x)]
         for level in range(1, 5):
-            skips.append(self.encode(getattr(self, f"down{level}"), skips[-1]))
-        x = skips.pop()
+            skips.append(self.encode(level, *skips[-1]))
+        x = skips.pop()[0]
         for level in range(1, 5):
-            x = self.decode(level, x, skips.pop())
+            x = self.decode(level, x, *skips.pop())
         return self.outc(x).contiguous(memory_format=fmt)

@@ -46,7 +46,8 @@ class AttentionUNet(UNet):
             setattr(self, f"att{level}", AttentionGate(gate, skip, skip // 2))
         self.finish()
 
-    def decode(self, level, x, skip):
+    def decode(self, level, x, skip, recipe=None):
+        # the gated skip is no double conv's output: its recipe no longer applies
         return super().decode(level, x, getattr(self, f"att{level}")(x, skip))
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import _backend, ops
+from ..ops import recompute
 
 
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -147,17 +148,38 @@ class FusedDoubleConv(nn.Sequential):
         return module
 
     def forward(self, x):
+        return self.forward_recipe(x)[0]
+
+    def fused_training(self, x) -> bool:
+        return (self[1].training and self[4].training
+                and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference")
+
+    def forward_recipe(self, x):
+        """(output, recipe that recomputes it): see unet_fast.ops.recompute; the recipe is None
+        outside fused training."""
         if _backend.resolve(self.backend, x.device, "conv_bn_relu") == "reference":
-            return super().forward(x)
+            return super().forward(x), None
         conv1, bn1, _, conv2, bn2, _ = self
-        if bn1.training and bn2.training:
+        if self.fused_training(x):
             mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
             return ops.double_conv(x, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
                                    mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias,
                                    mode2[1], mode2[2], True, mode1[3], mode2[3], bn1.eps, bn2.eps,
-                                   conv1.padding[0], backend=self.backend)
+                                   conv1.padding[0], backend=self.backend, return_recipe=True)
         x = conv_bn_relu_forward(x, conv1, bn1, self.backend, self.folded[0])
-        return conv_bn_relu_forward(x, conv2, bn2, self.backend, self.folded[1])
+        return conv_bn_relu_forward(x, conv2, bn2, self.backend, self.folded[1]), None
+
+    def forward_joined(self, skip, up, size, recipe=None):
+        """self(crop_concat(skip, up, size)); given skip's recipe, training keeps that recipe and
+        `up` for backward instead of the concatenated tensor."""
+        if recipe is None or not self.fused_training(skip) or not torch.is_grad_enabled():
+            return self(ops.crop_concat(skip, up, size, backend=self.backend))
+        conv1, bn1, _, conv2, bn2, _ = self
+        mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
+        return recompute.join_double_conv(
+            skip, recipe, up, size, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
+            mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias, mode2[1], mode2[2],
+            mode1[3], mode2[3], bn1.eps, bn2.eps, conv1.padding[0])
 
 
 def runs(modules) -> list:

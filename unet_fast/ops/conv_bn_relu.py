@@ -133,26 +133,39 @@ def double_conv(x: Tensor, weight1, bias1, bn_weight1, bn_bias1, running_mean1, 
                 weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
                 training: bool, momentum1: float = 0.1, momentum2: float = 0.1,
                 eps1: float = 1e-5, eps2: float = 1e-5, padding: int = 1, *,
-                backend: str = "auto") -> Tensor:
-    """Two conv_bn_relu in a row; in training it stores x, y1, y2 and recomputes relu(bn(y1))."""
+                backend: str = "auto", return_recipe: bool = False):
+    """Two conv_bn_relu in a row; in training it stores x, y1, y2 and recomputes relu(bn(y1)).
+
+    With return_recipe=True it returns (out, recipe): in fused training, recipe is
+    (y2, bn_weight2, bn_bias2, mean2, invstd2), from which `ops.recompute` rebuilds `out`
+    (see unet_fast.ops.recompute); otherwise None.
+    """
     batch_stats = training or running_mean1 is None or running_mean2 is None
     if not batch_stats or _backend.resolve(backend, x.device, "conv_bn_relu") == "reference":
         x = conv_bn_relu(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
                          training, momentum1, eps1, padding, backend=backend)
-        return conv_bn_relu(x, weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
-                            training, momentum2, eps2, padding, backend=backend)
+        out = conv_bn_relu(x, weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
+                           training, momentum2, eps2, padding, backend=backend)
+        return (out, None) if return_recipe else out
     x, weight1, bias1, weight2, bias2 = _autocast(x, weight1, bias1, weight2, bias2)
+    check_double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
+                      weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2, padding)
+    out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2 = torch.ops.unet_fast.double_conv(
+        x, weight1, bias1, bn_weight1, bn_bias1, weight2, bias2, bn_weight2, bn_bias2, eps1, eps2,
+        padding)
+    update_running_stats(running_mean1, running_var1, mean1, var1, momentum1, y1[:, 0].numel())
+    update_running_stats(running_mean2, running_var2, mean2, var2, momentum2, y2[:, 0].numel())
+    return (out, (y2, bn_weight2, bn_bias2, mean2, invstd2)) if return_recipe else out
+
+
+def check_double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
+                      weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2, padding):
+    """Both layers' checks; the second sees the first's output shape."""
     _check(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1, padding, True)
     h1 = x.shape[2] + 2 * padding - weight1.shape[2] + 1
     w1 = x.shape[3] + 2 * padding - weight1.shape[3] + 1
     _check(x.new_zeros(()).expand(x.shape[0], weight1.shape[0], max(h1, 0), max(w1, 0)),
            weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2, padding, True)
-    out, y1, y2, mean1, _, var1, mean2, _, var2 = torch.ops.unet_fast.double_conv(
-        x, weight1, bias1, bn_weight1, bn_bias1, weight2, bias2, bn_weight2, bn_bias2, eps1, eps2,
-        padding)
-    update_running_stats(running_mean1, running_var1, mean1, var1, momentum1, y1[:, 0].numel())
-    update_running_stats(running_mean2, running_var2, mean2, var2, momentum2, y2[:, 0].numel())
-    return out
 
 
 def batch_norm_relu(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -14,6 +14,7 @@ import torch
 
 import bench_conv_bn_relu as conv_cases
 import bench_crop_concat as crop_cases
+import bench_unet
 
 
 def interleaved(fns: dict, rounds: int, warmup: int = 2, block_seconds: float = 0.05) -> dict:
@@ -57,7 +58,11 @@ def case_fns(test, **params):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--unet", action="store_true",
+                        help="the UNet targets instead: unet_fast vs the tutorial's model")
     args = parser.parse_args()
+    if args.unet:
+        return unet_ratios(args.rounds)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference time / fused time "
           f"(medians of {args.rounds} interleaved rounds)")
@@ -80,6 +85,26 @@ def main():
                     ratio = info["fused"]["saved_bytes"] / info["reference"]["saved_bytes"]
                     line += f"   saved-for-backward bytes {ratio:.3f}x"
                 print(line, flush=True)
+
+
+def unet_ratios(rounds: int):
+    """Tutorial time / unet_fast time for UNet(3, 2, bilinear=False), and saved-bytes ratios."""
+    from unet_fast.bench import saved_bytes
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tutorial UNet time / "
+          f"unet_fast.UNet time (medians of {rounds} interleaved rounds)")
+    for mode in ("inference", "train"):
+        for dtype in ("float32", "bfloat16"):
+            fns = {impl: bench_unet.step_fn(impl, mode, dtype)[0] for impl in bench_unet.IMPLS}
+            t = interleaved(fns, rounds, warmup=1, block_seconds=0)
+            print(f"{mode:9} {dtype:8}: vs tutorial NCHW {t['tutorial'] / t['fused']:.2f}x, "
+                  f"vs tutorial channels_last {t['tutorial_channels_last'] / t['fused']:.2f}x",
+                  flush=True)
+    saved = {}
+    for impl in ("fused", "tutorial"):
+        _, model, x = bench_unet.step_fn(impl, "train", "float32")
+        saved[impl] = saved_bytes(model.train(), x)
+    print(f"saved-for-backward bytes, training step: {saved['fused'] / saved['tutorial']:.3f}x")
 
 
 if __name__ == "__main__":

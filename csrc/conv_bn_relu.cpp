@@ -1,6 +1,6 @@
 // conv_bn_relu and double_conv in training mode, and their backward passes: convolutions through
 // ATen (oneDNN on CPU, cuDNN on CUDA), BatchNorm + ReLU through the unet_fast::batch_norm_relu*
-// kernels of the tensor's device. Device-generic, so registered once as CompositeExplicitAutograd.
+// kernels of the tensor's device. Device-generic code, registered for each device key.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -41,8 +41,12 @@ at::Tensor batch_norm_relu_apply(const at::Tensor& y, const Optional& weight, co
   return op.call(y, weight, bias, mean, invstd);
 }
 
+// Every output follows its input's memory format (x's for activations, the weight's for its
+// gradient), whatever layout the convolution backend picks: the fake kernels then agree with the
+// real ones on every device, and a no-op copy costs nothing when they match already.
 at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const Optional& bias, int64_t padding) {
-  return at::convolution(x, weight, bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1);
+  return at::convolution(x, weight, bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
+      .contiguous(x.suggest_memory_format());
 }
 
 // Gradients of a 3x3 conv: (grad_x, grad_weight, grad_bias); an empty tensor stands for a
@@ -54,7 +58,8 @@ Tensor3 conv_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
       grad_y, x, weight, has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt, {1, 1},
       {padding, padding}, {1, 1}, false, {0, 0}, 1, {input_grad, true, has_bias});
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, x.options()); };
-  return {or_empty(gx), gw, or_empty(gb)};
+  return {gx.defined() ? gx.contiguous(x.suggest_memory_format()) : or_empty(gx),
+          gw.contiguous(weight.suggest_memory_format()), or_empty(gb)};
 }
 
 bool defined(const Optional& t) { return t.has_value() && t->defined(); }
@@ -109,9 +114,15 @@ std::vector<at::Tensor> double_conv_backward(
 }  // namespace
 }  // namespace unet_fast
 
-TORCH_LIBRARY_IMPL(unet_fast, CompositeExplicitAutograd, m) {
-  m.impl("conv_bn_relu", &unet_fast::conv_bn_relu);
-  m.impl("conv_bn_relu_backward", &unet_fast::conv_bn_relu_backward);
-  m.impl("double_conv", &unet_fast::double_conv);
-  m.impl("double_conv_backward", &unet_fast::double_conv_backward);
-}
+// Registered per device (not as a composite) so that compilers see one op with its own fake
+// kernel (unet_fast/ops/conv_bn_relu.py) instead of tracing through the decomposition.
+#define UNET_FAST_REGISTER_CONV_BN_RELU(KEY)                              \
+  TORCH_LIBRARY_IMPL(unet_fast, KEY, m) {                                 \
+    m.impl("conv_bn_relu", &unet_fast::conv_bn_relu);                     \
+    m.impl("conv_bn_relu_backward", &unet_fast::conv_bn_relu_backward);   \
+    m.impl("double_conv", &unet_fast::double_conv);                       \
+    m.impl("double_conv_backward", &unet_fast::double_conv_backward);     \
+  }
+
+UNET_FAST_REGISTER_CONV_BN_RELU(CPU)
+UNET_FAST_REGISTER_CONV_BN_RELU(CUDA)

@@ -1,4 +1,6 @@
 """unet_fast.UNet against the reference UNet and the tutorial's code; fuse() on other models."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -105,12 +107,26 @@ def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
     model, replaced = unet_fast.fuse(tutorial, report=True)
     assert model is tutorial and list(model.state_dict()) == keys
     assert len(replaced) == 9 and "inc.double_conv" in replaced
-    head = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-    other = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU())
+
+    class Conv2dReLU(nn.Sequential):  # as segmentation_models_pytorch's decoder blocks
+        def __init__(self, c_in, c_out):
+            super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+    class Custom(nn.Sequential):  # its own forward: not fused
+        def forward(self, x):
+            return super().forward(x) * 2
+
     wrapper = nn.Module()
-    wrapper.head, wrapper.other = head, other
+    wrapper.smp = Conv2dReLU(4, 4)
+    wrapper.head = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.MaxPool2d(2))
+    wrapper.strided = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU())
+    wrapper.custom = Custom(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    keys = list(wrapper.state_dict())
     _, replaced = unet_fast.fuse(wrapper, report=True)
-    assert replaced == ["head"]  # the strided conv is left alone
+    assert replaced == ["smp", "head"] and list(wrapper.state_dict()) == keys
+    assert type(wrapper.head).__name__ == "FusedSequential" and unet_fast.fuse(wrapper) is wrapper
     x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
     for got, want in zip(run(model, x, steps=2), run(plain, x, steps=2)):
         assert_close(got, want, torch.float64)
@@ -150,3 +166,23 @@ def test_pytorch_unet_checkpoints_with_and_without_conv_biases(bilinear, tmp_pat
     state.pop("up2.up.weight", None), state.pop("down2.maxpool_conv.1.double_conv.1.bias")
     with pytest.raises(ValueError, match="missing"):
         unet_fast.from_pytorch_unet(state)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bfloat16_model_within_the_rule(training):
+    from conftest import assert_bf16_within_rule
+
+    ours, ref = twins(torch.float64, bilinear=False)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for model, dtype in ((ours, torch.bfloat16), (ref, torch.bfloat16), (ref, torch.float64)):
+        model = copy.deepcopy(model).to(dtype).train(training)
+        # the same bfloat16 values everywhere: float64 runs on bfloat16-rounded copies
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.to(torch.bfloat16))
+        out = model(x.to(torch.bfloat16).to(dtype))
+        out.double().square().mean().backward()
+        results.append([out] + [p.grad for p in model.parameters()])
+    assert_bf16_within_rule(*results)

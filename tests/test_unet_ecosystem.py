@@ -18,10 +18,11 @@ def twins(**kw):
     return ours, ref
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend):
     ours, ref = twins()
     x = torch.randn(2, 3, 32, 32)
-    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(ours, fullgraph=True, backend=backend)
     out = compiled(x)
     assert_close(out, ref(x), torch.float32)
     out.sum().backward()  # through the compiled backward

@@ -21,14 +21,16 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's Conv2dReLU, ...) with a
     fused module wrapping the same children: parameters, buffers and state_dict keys are
     unchanged. A double conv becomes FusedDoubleConv (which also stores less for backward).
-    Convolutions that are strided, dilated, grouped or not zero-padded are left as they are.
+    Sequential subclasses count when they keep Sequential's forward (as Conv2dReLU does);
+    convolutions that are strided, dilated, grouped or not zero-padded are left as they are.
 
     Returns the model, or (model, names of the replaced submodules) with report=True.
     """
     replaced = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Sequential or (fused := _fused(child, backend)) is None:
+            plain = isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward
+            if not plain or (fused := _fused(child, backend)) is None:
                 continue
             fused.train(child.training)
             setattr(module, child_name, fused)

@@ -216,11 +216,14 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, con
                                                   int64_t, c10::string_view,
                                                   c10::List<std::optional<at::Scalar>>,
                                                   std::optional<c10::string_view>)>();
-    return pointwise.call(x, weight, bias, {padding, padding}, {1, 1}, {1, 1}, 1, "relu",
-                          c10::List<std::optional<at::Scalar>>(), "");
+    return pointwise
+        .call(x, weight, bias, {padding, padding}, {1, 1}, {1, 1}, 1, "relu",
+              c10::List<std::optional<at::Scalar>>(), "")
+        .contiguous(x.suggest_memory_format());  // as the fake kernel says, whatever oneDNN picks
   }
   return at::convolution(x, weight, bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
-      .relu_();
+      .relu_()
+      .contiguous(x.suggest_memory_format());
 }
 
 }  // namespace

@@ -20,7 +20,7 @@ class FusedModel:
     def layout(self, x):
         """(x in the layout the network runs in, the memory format to return)."""
         fmt = torch._prims_common.suggest_memory_format(x)
-        if x.device.type == "cpu" and _backend.resolve(
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and _backend.resolve(
                 self.backend, x.device, "conv_bn_relu") != "reference":
             x = x.contiguous(memory_format=torch.channels_last)
         return x, fmt

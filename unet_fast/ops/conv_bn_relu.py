@@ -215,6 +215,34 @@ def _fake_conv_bias_relu(x, weight, bias, padding):
     return _like(x, (x.shape[0], weight.shape[0], h, w))
 
 
+def _fake_conv_bn_relu(x, weight, bias, bn_weight, bn_bias, eps, padding):
+    y = _fake_conv_bias_relu(x, weight, bias, padding)
+    return (_like(y), y, *_fake_batch_norm_relu(y, bn_weight, bn_bias, eps)[1:])
+
+
+def _fake_conv_bn_relu_backward(grad_out, x, weight, has_bias, y, bn_weight, bn_bias, mean,
+                                invstd, padding, input_grad):
+    empty = x.new_empty(0)
+    grad_bn = _fake_batch_norm_relu_backward(grad_out, y, bn_weight, bn_bias, mean, invstd)[1:]
+    return (_like(x) if input_grad else empty, _like(weight),
+            y.new_empty(weight.shape[0]) if has_bias else empty, *grad_bn)
+
+
+def _fake_double_conv(x, w1, b1, g1, be1, w2, b2, g2, be2, eps1, eps2, padding):
+    out1, y1, *stats1 = _fake_conv_bn_relu(x, w1, b1, g1, be1, eps1, padding)
+    out, y2, *stats2 = _fake_conv_bn_relu(out1, w2, b2, g2, be2, eps2, padding)
+    return (out, y1, y2, *stats1, *stats2)
+
+
+def _fake_double_conv_backward(grad_out, x, w1, has_b1, y1, g1, be1, mean1, invstd1, w2, has_b2,
+                               y2, g2, be2, mean2, invstd2, padding, input_grad):
+    layer2 = _fake_conv_bn_relu_backward(grad_out, y1, w2, has_b2, y2, g2, be2, mean2, invstd2,
+                                         padding, True)
+    layer1 = _fake_conv_bn_relu_backward(layer2[0], x, w1, has_b1, y1, g1, be1, mean1, invstd1,
+                                         padding, input_grad)
+    return [*layer1, *layer2[1:]]
+
+
 # --- autograd ---
 
 def _no_statistics_grads(ctx, output):
@@ -309,6 +337,10 @@ if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake(_lib + "batch_norm_relu_backward", _fake_batch_norm_relu_backward)
     torch.library.register_fake(_lib + "batch_norm_relu_apply", _fake_batch_norm_relu_apply)
     torch.library.register_fake(_lib + "conv_bias_relu", _fake_conv_bias_relu)
+    torch.library.register_fake(_lib + "conv_bn_relu", _fake_conv_bn_relu)
+    torch.library.register_fake(_lib + "conv_bn_relu_backward", _fake_conv_bn_relu_backward)
+    torch.library.register_fake(_lib + "double_conv", _fake_double_conv)
+    torch.library.register_fake(_lib + "double_conv_backward", _fake_double_conv_backward)
     torch.library.register_autograd(_lib + "batch_norm_relu", _bn_backward, setup_context=_bn_setup)
     torch.library.register_autograd(_lib + "conv_bias_relu", _conv_bias_relu_backward,
                                     setup_context=_conv_bias_relu_setup)

@@ -1,0 +1,68 @@
+"""UNet(3, 2, bilinear=False) end to end: unet_fast vs the tutorial's model (NCHW, and
+channels_last), inference (1x3x256x256) and a training step (2x3x256x256, SGD), float32 and
+bfloat16 (the tutorial under torch.autocast). Weights shared.
+
+    pytest benchmarks/bench_unet.py --benchmark-only --benchmark-group-by=param:mode,param:dtype
+"""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import unet_fast
+from unet_fast.bench import saved_bytes
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+import tutorial_unet  # noqa: E402
+
+IMPLS = ["fused", "tutorial", "tutorial_channels_last"]
+
+
+def model_and_input(impl, mode, dtype):
+    torch.manual_seed(0)
+    tutorial = tutorial_unet.UNet(3, 2, bilinear=False)
+    x = torch.randn(1 if mode == "inference" else 2, 3, 256, 256)
+    if impl == "fused":
+        model = unet_fast.UNet(3, 2, bilinear=False)
+        model.load_state_dict(tutorial.state_dict())
+        if dtype == "bfloat16":  # our bf16 path: the model in bfloat16
+            model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+        return model, x, False
+    model = copy.deepcopy(tutorial)
+    if impl == "tutorial_channels_last":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    return model, x, dtype == "bfloat16"  # the tutorial runs bfloat16 under autocast
+
+
+def step_fn(impl, mode, dtype):
+    model, x, autocast = model_and_input(impl, mode, dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def inference():
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            model(x)
+
+    def train():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = model(x)
+        out.float().square().mean().backward()
+        optimizer.step()
+
+    return (inference if mode == "inference" else train), model, x
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_unet(benchmark, mode, dtype, impl):
+    fn, model, x = step_fn(impl, mode, dtype)
+    if mode == "train":
+        model.train()
+        benchmark.extra_info["saved_bytes"] = saved_bytes(model, x)
+    benchmark(fn)

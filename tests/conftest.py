@@ -50,3 +50,31 @@ def assert_bf16_within_rule(got, ref_bf16, ref_f64):
     for g, r, exact in zip(got, ref_bf16, ref_f64):
         ours, theirs = rms(g.double() - exact), rms(r.double() - exact)
         assert ours <= 2 * theirs + 1e-6 * rms(exact), (ours, theirs)
+
+
+def training_history(model, x, steps=3, lr=0.01):
+    """Outputs, parameter gradients and buffers over SGD steps (a loss that keeps values
+    moderate), with an eval pass after each step. Models may return a list of outputs."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    as_list = lambda out: out if isinstance(out, list) else [out]  # noqa: E731
+    history = []
+    for _ in range(steps):
+        model.train()
+        outs = as_list(model(x))
+        optimizer.zero_grad()
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).mean()
+            for o in outs).backward()
+        history.append([o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()])
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            history.append(as_list(model(x)))
+    return history + [list(model.buffers())]
+
+
+def assert_histories_close(got, want, dtype, float32_tol=1e-4):
+    tol = {torch.float64: 1e-10, torch.float32: float32_tol}[dtype]
+    for g_step, w_step in zip(got, want, strict=True):
+        for g, w in zip(g_step, w_step, strict=True):
+            scale = max(w.abs().max().item(), 1.0)
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)

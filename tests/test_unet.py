@@ -7,7 +7,7 @@ from torch import nn
 
 import tutorial_unet
 import unet_fast
-from conftest import assert_close
+from conftest import assert_close, assert_histories_close, training_history
 from unet_fast import reference
 from unet_fast.nn import FusedDoubleConv
 
@@ -24,20 +24,7 @@ def twins(dtype=torch.float64, **kw):
 
 
 def run(model, x, steps=3):
-    """Outputs, parameter gradients and buffers over SGD steps, with an eval pass after each."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    history = []
-    for _ in range(steps):
-        model.train()
-        out = model(x)
-        optimizer.zero_grad()
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).mean().backward()
-        history.append([out.detach(), *[p.grad.clone() for p in model.parameters()]])
-        optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            history.append([model(x)])
-    return history + [list(model.buffers())]
+    return training_history(model, x, steps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -46,11 +33,7 @@ def run(model, x, steps=3):
 def test_matches_reference_through_training(dtype, bilinear, size):
     ours, ref = twins(dtype, bilinear=bilinear)
     x = torch.randn(2, 3, *size, dtype=dtype)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
-    for got, want in zip(run(ours, x), run(ref, x)):
-        for g, w in zip(got, want):
-            scale = max(w.abs().max().item(), 1.0)
-            torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)
+    assert_histories_close(run(ours, x), run(ref, x), dtype)
 
 
 def test_loads_the_tutorials_checkpoint_and_gives_its_outputs():

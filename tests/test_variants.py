@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import unet_fast
-from conftest import assert_close
+from conftest import assert_histories_close, training_history
 from unet_fast.nn import FusedDoubleConv, FusedSequential
 
 VARIANTS = [
@@ -14,25 +14,6 @@ VARIANTS = [
     (unet_fast.UNetPlusPlus, {"deep_supervision": True}, FusedDoubleConv),
     (unet_fast.UNetPlusPlus, {"deep_supervision": False}, FusedDoubleConv),
 ]
-
-
-def steps(model, x, count=3):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    history = []
-    for _ in range(count):
-        model.train()
-        outs = model(x)
-        outs = outs if isinstance(outs, list) else [outs]
-        optimizer.zero_grad()
-        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).mean()
-            for o in outs).backward()
-        history.append([o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()])
-        optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            outs = model(x)
-            history.append(outs if isinstance(outs, list) else [outs])
-    return history + [list(model.buffers())]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -47,11 +28,7 @@ def test_fused_variant_matches_its_plain_pytorch_self(cls, kwargs, fused_type, d
     plain.load_state_dict(fused.state_dict(), strict=True)
     assert any(type(m) is fused_type for m in fused.modules())
     x = torch.randn(2, 3, 37, 45, dtype=dtype)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
-    for got, want in zip(steps(fused, x), steps(plain, x)):
-        for g, w in zip(got, want):
-            scale = max(w.abs().max().item(), 1.0)
-            torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)
+    assert_histories_close(training_history(fused, x), training_history(plain, x), dtype)
 
 
 def test_variants_keep_the_tutorials_names():

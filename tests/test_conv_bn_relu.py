@@ -155,7 +155,6 @@ def test_gradcheck():
     x, w, b, g, be = conv_inputs(n=2, c_in=2, c_out=3, size=4)
     (w2, b2, g2, be2), _ = layer(3, 2, torch.float64, bias=True)
     m, v = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    m2, v2 = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda *a: ops.conv_bn_relu(*a, None, None, True, 0.1, 1e-5, 1), (x, w, b, g, be))
     assert torch.autograd.gradcheck(

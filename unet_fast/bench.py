@@ -9,7 +9,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -20,10 +20,9 @@ from .models.unet import UNet
 
 @dataclass
 class Case:
-    """One model under test, and how its input is laid out."""
+    """One model under test and its times."""
     label: str
     model: torch.nn.Module
-    channels_last: bool = False
     times: dict = field(default_factory=lambda: {"inference": [], "train": []})
 
 
@@ -44,8 +43,6 @@ def saved_bytes(model, x) -> int:
 
 
 def run_once(case, x, mode):
-    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
     start = time.perf_counter()
     if mode == "inference":
         case.model.eval()

@@ -32,6 +32,10 @@ def test_environment_variable_overrides_auto(monkeypatch):
         _backend.resolve("auto", torch.device("cpu"), "crop_concat")
 
 
-def test_triton_backend_is_refused_until_it_exists():
-    with pytest.raises(NotImplementedError, match="Triton backend"):
+def test_triton_backend_needs_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
         _backend.resolve("triton", torch.device("cpu"), "crop_concat")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.resolve("triton", torch.device("cpu"), "crop_concat") == "triton"
+    assert unet_fast.backends()["triton"]["cpu"] == "interpreter"

@@ -61,9 +61,27 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         if op not in BUILT[backend]:
             raise RuntimeError(f"backend {backend!r} has no {op} kernels in this build"
                                + (f": {EXTENSION_ERROR}" if EXTENSION_ERROR else ""))
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend is not available in this version")
+    if backend == "triton" and not triton_runs_on(device):
+        raise RuntimeError(
+            f"the Triton backend cannot run on {device}: " + (
+                "triton is not installed" if not triton_version() else
+                "it needs a CUDA GPU, or TRITON_INTERPRET=1 (set before importing unet_fast) "
+                "to interpret the kernels on the CPU"))
     return backend
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    if not triton_version():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and
+                                     os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def triton_ops():
+    """The Triton backend's ops, imported (and their kernels decorated) on first use."""
+    from .triton import ops
+
+    return ops
 
 
 def triton_version():
@@ -80,7 +98,9 @@ def backends() -> dict:
     return {
         "extension": "built" if EXTENSION_ERROR is None else f"missing ({EXTENSION_ERROR})",
         "kernels": {device: sorted(ops) for device, ops in BUILT.items()},
-        "triton": triton_version() or None,
+        "triton": {"version": triton_version() or None,
+                   "cpu": triton_runs_on(torch.device("cpu")) and "interpreter",
+                   "cuda": bool(gpu) and triton_runs_on(torch.device("cuda"))},
         "gpu": gpu,
         "default": {"cpu": {op: default_backend(op, "cpu") for op in REQUIRES},
                     "cuda": {op: default_backend(op, "cuda") for op in REQUIRES} if gpu else None},

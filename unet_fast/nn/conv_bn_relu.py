@@ -65,14 +65,14 @@ class FoldedWeights:
     def __init__(self):
         self.key, self.value = None, None
 
-    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor):
+    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, prepacked: bool):
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
-                    for t in sources) + (bn.eps, x.shape, x.dtype, x.device)
+                    for t in sources) + (bn.eps, x.shape, x.dtype, x.device, prepacked)
         if key != self.key:
             with torch.no_grad():
                 weight, bias = ops.fold(*sources, bn.eps)
-                self.value = prepack(weight, x, conv.padding[0]), bias
+                self.value = (prepack(weight, x, conv.padding[0]) if prepacked else weight), bias
             self.key = key
         return self.value
 
@@ -89,7 +89,8 @@ def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights):
         # training, tracing, autocast, or eval that trains parameters: fold (if at all) per call
         return ops.conv_bn_relu(x, *params, running_mean, running_var, batch_stats, momentum,
                                 bn.eps, conv.padding[0], backend=backend)
-    return ops.conv_bias_relu(x, *folded(conv, bn, x), conv.padding[0], backend=backend)
+    prepacked = _backend.resolve(backend, x.device, "conv_bn_relu") == "cpu"
+    return ops.conv_bias_relu(x, *folded(conv, bn, x, prepacked), conv.padding[0], backend=backend)
 
 
 class FusedConvBNReLU(nn.Sequential):

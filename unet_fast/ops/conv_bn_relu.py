@@ -101,9 +101,13 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     batch_stats = training or running_mean is None
     x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, padding, batch_stats)
-    if _backend.resolve(backend, x.device, "conv_bn_relu") == "reference":
+    chosen = _backend.resolve(backend, x.device, "conv_bn_relu")
+    if chosen == "reference":
         return reference.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean,
                                       running_var, batch_stats, momentum, eps, padding)
+    if chosen == "triton":
+        return _triton_conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                    running_var, batch_stats, momentum, eps, padding)
     if batch_stats:
         out, y, mean, _, var = torch.ops.unet_fast.conv_bn_relu(x, weight, bias, bn_weight,
                                                                 bn_bias, eps, padding)
@@ -118,14 +122,31 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     return torch.ops.unet_fast.conv_bias_relu(x, w, b, padding)
 
 
+def _triton_conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                         batch_stats, momentum, eps, padding):
+    """The Triton backend: ATen convolution, then the Triton BatchNorm + ReLU (training) or the
+    folded convolution (eval)."""
+    triton_ops = _backend.triton_ops()
+    if not batch_stats:
+        return triton_ops.conv_relu(x, *fold(weight, bias, bn_weight, bn_bias, running_mean,
+                                             running_var, eps), padding)
+    out, mean, var = triton_ops.batch_norm_relu_stats(
+        torch.nn.functional.conv2d(x, weight, bias, padding=padding), bn_weight, bn_bias, eps)
+    update_running_stats(running_mean, running_var, mean, var, momentum, out[:, 0].numel())
+    return out
+
+
 def conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int = 1, *,
                    backend: str = "auto") -> Tensor:
     """relu(conv2d(x, weight, bias, padding=padding)) with the ReLU fused into the convolution:
     the eval path once BatchNorm is folded into weight and bias (see `fold`)."""
     x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, None, None, None, None, padding, False)
-    if _backend.resolve(backend, x.device, "conv_bn_relu") == "reference":
+    chosen = _backend.resolve(backend, x.device, "conv_bn_relu")
+    if chosen == "reference":
         return reference.conv_bias_relu(x, weight, bias, padding)
+    if chosen == "triton":
+        return _backend.triton_ops().conv_relu(x, weight, bias, padding)
     return torch.ops.unet_fast.conv_bias_relu(x, weight, bias, padding)
 
 
@@ -141,7 +162,8 @@ def double_conv(x: Tensor, weight1, bias1, bn_weight1, bn_bias1, running_mean1, 
     (see unet_fast.ops.recompute); otherwise None.
     """
     batch_stats = training or running_mean1 is None or running_mean2 is None
-    if not batch_stats or _backend.resolve(backend, x.device, "conv_bn_relu") == "reference":
+    if not batch_stats or _backend.resolve(backend, x.device, "conv_bn_relu") != x.device.type:
+        # eval, the reference, or Triton (whose double conv is two conv_bn_relu for now)
         x = conv_bn_relu(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
                          training, momentum1, eps1, padding, backend=backend)
         out = conv_bn_relu(x, weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
@@ -176,10 +198,14 @@ def batch_norm_relu(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if y.shape[0] * y.shape[2] * y.shape[3] == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{tuple(y.shape)}")
-    if _backend.resolve(backend, y.device, "conv_bn_relu") == "reference":
+    chosen = _backend.resolve(backend, y.device, "conv_bn_relu")
+    if chosen == "reference":
         return torch.relu(torch.nn.functional.batch_norm(
             y, running_mean, running_var, weight, bias, True, momentum, eps))
-    out, mean, _, var = torch.ops.unet_fast.batch_norm_relu(y, weight, bias, eps)
+    if chosen == "triton":
+        out, mean, var = _backend.triton_ops().batch_norm_relu_stats(y, weight, bias, eps)
+    else:
+        out, mean, _, var = torch.ops.unet_fast.batch_norm_relu(y, weight, bias, eps)
     update_running_stats(running_mean, running_var, mean, var, momentum, y[:, 0].numel())
     return out
 

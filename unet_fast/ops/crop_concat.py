@@ -21,8 +21,11 @@ def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[in
     """
     check_tensors("crop_concat", skip=skip, up=up)
     size = check_size("crop_concat", skip.shape[-2:] if size is None else size)
-    if _backend.resolve(backend, skip.device, "crop_concat") == "reference":
+    chosen = _backend.resolve(backend, skip.device, "crop_concat")
+    if chosen == "reference":
         return reference.crop_concat(skip, up, size)
+    if chosen == "triton":
+        return _backend.triton_ops().crop_concat(skip, up, list(size))
     return torch.ops.unet_fast.crop_concat(skip, up, size)
 
 

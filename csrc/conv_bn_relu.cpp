@@ -62,8 +62,6 @@ Tensor3 conv_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
           gw.contiguous(weight.suggest_memory_format()), or_empty(gb)};
 }
 
-bool defined(const Optional& t) { return t.has_value() && t->defined(); }
-
 Tensor5 conv_bn_relu(const at::Tensor& x, const at::Tensor& weight, const Optional& bias,
                      const Optional& bn_weight, const Optional& bn_bias, double eps,
                      int64_t padding) {

@@ -109,3 +109,36 @@ def test_bad_input_and_nan():
     y[0, 1, 2, 3] = float("nan")
     out = ops.batch_norm_relu(y, g, b, backend="triton")
     assert out[:, 1].isnan().all() and not out[:, 0].isnan().any()
+
+
+@pytest.mark.parametrize("padding", [1, 0])
+def test_implicit_gemm_double_conv_writes_only_the_conv_outputs(padding):
+    """The Triton double conv: layer 1's BatchNorm + ReLU runs in layer 2's convolution prologue,
+    statistics come from the convolutions' epilogues; it keeps x, y1, y2 for backward."""
+    x = torch.randn(2, 3, 11, 13, device=DEVICE, requires_grad=True)
+    w1 = (torch.randn(6, 3, 3, 3, device=DEVICE) * 0.3).requires_grad_()
+    w2 = (torch.randn(5, 6, 3, 3, device=DEVICE) * 0.3).requires_grad_()
+    b1 = torch.randn(6, device=DEVICE, requires_grad=True)
+    g1, g2 = torch.rand(6, device=DEVICE) + 0.5, torch.rand(5, device=DEVICE) + 0.5
+    args = (x, w1, b1, g1, None, None, None, w2, None, g2, None, None, None, True, 0.1, 0.1,
+            1e-5, 1e-5, padding)
+    params = {t.untyped_storage().data_ptr() for t in (w1, w2, b1, g1, g2)}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params and t.dim() == 4:
+            saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ops.double_conv(*args[:-1], padding=padding, backend="triton")
+    assert "double_conv_triton" in out.grad_fn.name()
+    h1, w1_ = 11 + 2 * padding - 2, 13 + 2 * padding - 2
+    # x, y1, y2 — no normalised activation stored
+    assert sorted(saved.values()) == sorted([(2, 3, 11, 13), (2, 6, h1, w1_),
+                                             (2, 5, h1 + 2 * padding - 2, w1_ + 2 * padding - 2)])
+    want = reference.double_conv(*args)
+    grad = torch.randn_like(want)
+    inputs = (x, w1, b1, w2)
+    assert_close([out, *torch.autograd.grad(out, inputs, grad)],
+                 [want, *torch.autograd.grad(want, inputs, grad)], torch.float32)

@@ -162,8 +162,9 @@ def double_conv(x: Tensor, weight1, bias1, bn_weight1, bn_bias1, running_mean1, 
     (see unet_fast.ops.recompute); otherwise None.
     """
     batch_stats = training or running_mean1 is None or running_mean2 is None
-    if not batch_stats or _backend.resolve(backend, x.device, "conv_bn_relu") != x.device.type:
-        # eval, the reference, or Triton (whose double conv is two conv_bn_relu for now)
+    chosen = _backend.resolve(backend, x.device, "conv_bn_relu")
+    three_by_three = weight1.shape[2:] == weight2.shape[2:] == (3, 3)
+    if not batch_stats or chosen == "reference" or (chosen == "triton" and not three_by_three):
         x = conv_bn_relu(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
                          training, momentum1, eps1, padding, backend=backend)
         out = conv_bn_relu(x, weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
@@ -172,12 +173,18 @@ def double_conv(x: Tensor, weight1, bias1, bn_weight1, bn_bias1, running_mean1, 
     x, weight1, bias1, weight2, bias2 = _autocast(x, weight1, bias1, weight2, bias2)
     check_double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
                       weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2, padding)
-    out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2 = torch.ops.unet_fast.double_conv(
+    # Triton: one implicit-GEMM conv kernel per layer, BN+ReLU of layer 1 in layer 2's prologue
+    op = torch.ops.unet_fast.double_conv_triton if chosen == "triton" else torch.ops.unet_fast.double_conv
+    if chosen == "triton":
+        _backend.triton_ops().check_dtype(x)
+    out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2 = op(
         x, weight1, bias1, bn_weight1, bn_bias1, weight2, bias2, bn_weight2, bn_bias2, eps1, eps2,
         padding)
     update_running_stats(running_mean1, running_var1, mean1, var1, momentum1, y1[:, 0].numel())
     update_running_stats(running_mean2, running_var2, mean2, var2, momentum2, y2[:, 0].numel())
-    return (out, (y2, bn_weight2, bn_bias2, mean2, invstd2)) if return_recipe else out
+    # a recipe recomputes with the C++ kernel: only bit-exact against the C++ forward
+    recipe = (y2, bn_weight2, bn_bias2, mean2, invstd2) if chosen != "triton" else None
+    return (out, recipe) if return_recipe else out
 
 
 def check_double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,

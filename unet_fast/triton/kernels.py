@@ -113,3 +113,68 @@ def shifted_concat_kernel(
     ok2 = inside & (~in_first) & (h2 >= 0) & (h2 < H2) & (w2 >= 0) & (w2 < W2)
     v2 = tl.load(second_ptr + n * s2_n + c2 * s2_c + h2 * s2_h + w2 * s2_w, mask=ok2, other=0.0)
     tl.store(out_ptr + idx, tl.where(in_first, v1, v2), mask=inside)
+
+
+@triton.jit
+def conv3x3_bn_kernel(
+    x_ptr,  # (N, H, W, C_in) input, channels_last, dense
+    w_ptr,  # (9, C_in, C_out) weights: tap (kh * 3 + kw), input channel, output channel
+    bias_ptr,  # (C_out,) conv bias (read when HAS_BIAS)
+    pre_ptr,  # float32 (2, C_in): prologue scale, shift (read when PROLOGUE)
+    y_ptr,  # (N, H_out, W_out, C_out) conv output, channels_last, dense
+    partial_ptr,  # float32 (2, M_TILES, C_out): this tile's per-channel sum and sum of squared
+                  # deviations from the tile's mean (combined across tiles in float64, Chan et al.)
+    N, H, W, C_in, C_out, H_out, W_out, padding,
+    PROLOGUE: tl.constexpr,  # apply relu(x * scale + shift) to the input on the fly
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output pixels per program
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # input channels per step
+    PRECISION: tl.constexpr,  # "ieee" for float32 accuracy, "tf32" where speed is preferred
+):
+    """Implicit-GEMM 3x3 convolution (stride 1): y[m, co] = sum over taps and ci of
+    act(x[pixel(m) + tap, ci]) w[tap, ci, co], where act is the previous layer's BatchNorm + ReLU
+    when PROLOGUE (zero padding stays zero: it pads the activation). The epilogue writes y and the
+    per-channel sums of y and y^2 over this program's pixels, so no normalised activation is ever
+    stored."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N * H_out * W_out
+    n_ok = offs_n < C_out
+    ow = offs_m % W_out
+    oh = (offs_m // W_out) % H_out
+    on = offs_m // (W_out * H_out)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tap in range(9):
+        ih = oh + tap // 3 - padding
+        iw = ow + tap % 3 - padding
+        pixel_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row = ((on * H + ih) * W + iw) * C_in
+        for k0 in range(0, C_in, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C_in
+            a_ok = pixel_ok[:, None] & k_ok[None, :]
+            a = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=a_ok, other=0.0).to(tl.float32)
+            if PROLOGUE:
+                scale = tl.load(pre_ptr + offs_k, mask=k_ok, other=0.0)
+                shift = tl.load(pre_ptr + C_in + offs_k, mask=k_ok, other=0.0)
+                a = tl.where(a_ok, tl.maximum(a * scale[None, :] + shift[None, :], 0.0), 0.0)
+            b = tl.load(w_ptr + (tap * C_in + offs_k[:, None]) * C_out + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * C_out + offs_n[None, :], y, mask=ok)
+    # statistics of the stored (rounded) values, as a separate BatchNorm would see them
+    stored = tl.where(ok, y.to(tl.float32), 0.0)
+    count = tl.sum(m_ok.to(tl.float32), axis=0)
+    total = tl.sum(stored, axis=0)
+    deviation = tl.where(ok, stored - (total / count)[None, :], 0.0)
+    tiles = tl.num_programs(0)
+    tl.store(partial_ptr + pid_m * C_out + offs_n, total, mask=n_ok)
+    tl.store(partial_ptr + (tiles + pid_m) * C_out + offs_n, tl.sum(deviation * deviation, axis=0),
+             mask=n_ok)

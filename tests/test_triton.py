@@ -142,3 +142,16 @@ def test_implicit_gemm_double_conv_writes_only_the_conv_outputs(padding):
     inputs = (x, w1, b1, w2)
     assert_close([out, *torch.autograd.grad(out, inputs, grad)],
                  [want, *torch.autograd.grad(want, inputs, grad)], torch.float32)
+
+
+def test_eval_conv_runs_in_one_kernel_with_relu_in_the_epilogue():
+    x = torch.randn(2, 3, 10, 7, device=DEVICE, requires_grad=True)
+    w = (torch.randn(5, 3, 3, 3, device=DEVICE) * 0.3).requires_grad_()
+    b = torch.randn(5, device=DEVICE, requires_grad=True)
+    for padding in (1, 0):
+        out = ops.conv_bias_relu(x, w, b, padding, backend="triton")
+        assert "conv_bias_relu_triton" in out.grad_fn.name()
+        want = reference.conv_bias_relu(x, w, b, padding)
+        grad = torch.randn_like(want)
+        assert_close([out, *torch.autograd.grad(out, (x, w, b), grad)],
+                     [want, *torch.autograd.grad(want, (x, w, b), grad)], torch.float32)

@@ -127,6 +127,8 @@ def conv3x3_bn_kernel(
     N, H, W, C_in, C_out, H_out, W_out, padding,
     PROLOGUE: tl.constexpr,  # apply relu(x * scale + shift) to the input on the fly
     HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,  # eval: write relu(conv + bias), no statistics
+
     BLOCK_M: tl.constexpr,  # output pixels per program
     BLOCK_N: tl.constexpr,  # output channels per program
     BLOCK_K: tl.constexpr,  # input channels per step
@@ -162,13 +164,18 @@ def conv3x3_bn_kernel(
                 shift = tl.load(pre_ptr + C_in + offs_k, mask=k_ok, other=0.0)
                 a = tl.where(a_ok, tl.maximum(a * scale[None, :] + shift[None, :], 0.0), 0.0)
             b = tl.load(w_ptr + (tap * C_in + offs_k[:, None]) * C_out + offs_n[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(a, b, input_precision=PRECISION)
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            # bfloat16/float16 operands meet the tensor cores as they are; accumulation is float32
+            acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION, out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.where((acc > 0) | (acc != acc), acc, 0.0)
     ok = m_ok[:, None] & n_ok[None, :]
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_m[:, None] * C_out + offs_n[None, :], y, mask=ok)
+    if RELU:
+        return
     # statistics of the stored (rounded) values, as a separate BatchNorm would see them
     stored = tl.where(ok, y.to(tl.float32), 0.0)
     count = tl.sum(m_ok.to(tl.float32), axis=0)

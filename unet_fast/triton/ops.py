@@ -182,20 +182,41 @@ def batch_norm_relu_stats(y, weight, bias, eps):
     return out, mean, var
 
 
+@triton_op("unet_fast::conv_bias_relu_triton", mutates_args=())
+def conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -> Tensor:
+    """Eval path: relu(conv3x3(x) + bias) in one implicit-GEMM kernel (ReLU in its epilogue)."""
+    return _conv3x3(x, weight, bias, padding, None, relu=True)[0]
+
+
+def _conv_bias_relu_setup(ctx, inputs, output):
+    x, weight, bias, padding = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias, ctx.padding = bias is not None, padding
+
+
+def _conv_bias_relu_backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _conv_backward(torch.ops.aten.threshold_backward(grad_out, out, 0),
+                                            x, weight, ctx.has_bias, ctx.padding,
+                                            ctx.needs_input_grad[0])
+    return grad_x, grad_w, grad_b, None
+
+
 def conv_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -> Tensor:
-    """Eval path until the Triton convolution exists: ATen convolution with the folded bias and
-    an in-place ReLU (no Triton kernel runs here)."""
+    """The Triton backend's eval convolution: the implicit-GEMM kernel for 3x3 weights, ATen's
+    convolution and an in-place ReLU for other sizes."""
     check_dtype(x)
+    if weight.shape[2:] == (3, 3):
+        return conv_bias_relu(x, weight, bias, padding)
     return F.conv2d(x, weight, bias, padding=padding).relu_()
 
 
 CONV_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
 
 
-def conv3x3_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int, eps: float,
-                  prologue: Optional[Tensor] = None):
-    """The implicit-GEMM convolution: (y channels_last, mean, invstd, unbiased var) with
-    `prologue` (2, C_in) = (scale, shift) applying relu(x scale + shift) to x on the fly."""
+def _conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int,
+             prologue: Optional[Tensor], relu: bool):
+    """Launches the implicit-GEMM convolution: (y channels_last, per-tile partial statistics)."""
     x = x.contiguous(memory_format=torch.channels_last)
     n, c_in, h, w = x.shape
     c_out = weight.shape[0]
@@ -209,7 +230,17 @@ def conv3x3_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: in
     wrap_triton(kernels.conv3x3_bn_kernel)[(tiles, triton.cdiv(c_out, CONV_BLOCKS["BLOCK_N"]))](
         x, taps, bias if bias is not None else taps, prologue if prologue is not None else taps,
         y, partial, n, h, w, c_in, c_out, h_out, w_out, padding, PROLOGUE=prologue is not None,
-        HAS_BIAS=bias is not None, PRECISION=precision, **CONV_BLOCKS)
+        HAS_BIAS=bias is not None, RELU=relu, PRECISION=precision, **CONV_BLOCKS)
+    return y, partial
+
+
+def conv3x3_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int, eps: float,
+                  prologue: Optional[Tensor] = None):
+    """The implicit-GEMM convolution: (y channels_last, mean, invstd, unbiased var) with
+    `prologue` (2, C_in) = (scale, shift) applying relu(x scale + shift) to x on the fly."""
+    y, partial = _conv3x3(x, weight, bias, padding, prologue, relu=False)
+    tiles = partial.shape[1]
+    pixels = y.shape[0] * y.shape[2] * y.shape[3]
     counts = torch.full((tiles, 1), float(CONV_BLOCKS["BLOCK_M"]), dtype=torch.float64,
                         device=x.device)
     counts[-1] = pixels - CONV_BLOCKS["BLOCK_M"] * (tiles - 1)
@@ -280,3 +311,4 @@ def _double_backward(ctx, grad_out, *_):
 
 
 double_conv.register_autograd(_double_backward, setup_context=_double_setup)
+conv_bias_relu.register_autograd(_conv_bias_relu_backward, setup_context=_conv_bias_relu_setup)

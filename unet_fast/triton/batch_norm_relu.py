@@ -1,0 +1,122 @@
+"""Triton BatchNorm (batch statistics) + ReLU: forward and backward as triton_ops, and the helpers
+the other Triton ops share (dense views, per-channel sums and maps)."""
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from . import kernels
+
+Tensor = torch.Tensor
+BLOCK = 256
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dense(t: Tensor) -> Tuple[Tensor, bool, Tuple[int, int, int]]:
+    """t dense in its memory format, whether that is channels_last, and its (N, C, HW) strides."""
+    channels_last = torch._prims_common.suggest_memory_format(t) == torch.channels_last
+    t = t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    n, c, h, w = t.shape
+    return t, channels_last, ((h * w * c, 1, c) if channels_last else (c * h * w, h * w, 1))
+
+
+def channel_sums(y, dy, coef, strides, backward: bool):
+    n, c, h, w = y.shape
+    count = n * h * w
+    blocks = triton.cdiv(count, BLOCK)
+    chunk = BLOCK * triton.cdiv(blocks, min(blocks, 64))
+    chunks = triton.cdiv(count, chunk)
+    partial = y.new_empty((2, c, chunks), dtype=torch.float32)
+    wrap_triton(kernels.channel_sums_kernel)[(c, chunks)](
+        y, dy, coef, partial, n, c, h * w, *strides, CHUNK=chunk, BLOCK=BLOCK, BACKWARD=backward)
+    return partial.double().sum(-1)  # float64 across programs
+
+
+def channel_map(out, y, dy, coef, strides, channels_last: bool, backward: bool):
+    n, c, h, w = y.shape
+    wrap_triton(kernels.channel_map_kernel)[(triton.cdiv(y.numel(), BLOCK),)](
+        out, y, dy, coef, n, c, h * w, *strides, BLOCK=BLOCK, CHANNELS_LAST=channels_last,
+        BACKWARD=backward)
+    return out
+
+
+def affine(mean, invstd, weight, bias):
+    scale = invstd if weight is None else weight.double() * invstd
+    shift = -mean * scale if bias is None else bias.double() - mean * scale
+    return scale, shift
+
+
+@triton_op("unet_fast::batch_norm_relu_triton", mutates_args=())
+def batch_norm_relu(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton twin of unet_fast::batch_norm_relu: (out, mean, invstd, unbiased var)."""
+    y, channels_last, strides = dense(y)
+    n, c, h, w = y.shape
+    count = n * h * w
+    zeros = y.new_zeros(c, dtype=torch.float32)
+    if count == 0:
+        return torch.empty_like(y), zeros, zeros.clone(), zeros.clone()
+    first = y[0, :, 0, 0].float().contiguous()  # per-channel shift: exact variance at any mean
+    sums = channel_sums(y, y, first, strides, backward=False)
+    shifted_mean = sums[0] / count
+    var = (sums[1] / count - shifted_mean ** 2).clamp_min(0)
+    mean = first.double() + shifted_mean
+    invstd = torch.rsqrt(var + eps)
+    scale, shift = affine(mean, invstd, weight, bias)
+    coef = torch.stack([scale, shift]).float().contiguous()
+    out = channel_map(torch.empty_like(y), y, y, coef, strides, channels_last, backward=False)
+    return out, mean.float(), invstd.float(), (var * count / max(count - 1, 1)).float()
+
+
+@triton_op("unet_fast::batch_norm_relu_backward_triton", mutates_args=())
+def batch_norm_relu_backward(grad_out: Tensor, y: Tensor, weight: Optional[Tensor],
+                             bias: Optional[Tensor], mean: Tensor,
+                             invstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_y, grad_weight, grad_bias), as the C++ kernel: grad_y = m dy k + a y + b."""
+    y, channels_last, strides = dense(y)
+    dy = grad_out.to(y.dtype).contiguous(memory_format=torch.channels_last if channels_last
+                                         else torch.contiguous_format)
+    n, c, h, w = y.shape
+    count = n * h * w
+    mean, invstd = mean.double(), invstd.double()
+    scale, shift = affine(mean, invstd, weight, bias)
+    sums = channel_sums(y, dy, torch.stack([scale, shift, mean]).float().contiguous(), strides,
+                         backward=True)
+    gain = scale
+    slope = -gain * invstd * invstd * sums[1] / count
+    offset = -gain * sums[0] / count - slope * mean
+    coef = torch.stack([scale, shift, gain, slope, offset]).float().contiguous()
+    grad_y = channel_map(torch.empty_like(y), y, dy, coef, strides, channels_last, backward=True)
+    dtype = weight.dtype if weight is not None else torch.float32
+    return grad_y, (sums[1] * invstd).to(dtype), sums[0].to(dtype)
+
+
+def _bn_setup(ctx, inputs, output):
+    y, weight, bias, _ = inputs
+    ctx.save_for_backward(y, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _bn_backward(ctx, grad_out, *_):
+    if grad_out is None:
+        return None, None, None, None
+    y, weight, bias, mean, invstd = ctx.saved_tensors
+    grad_y, grad_weight, grad_bias = batch_norm_relu_backward(grad_out, y, weight, bias, mean, invstd)
+    return grad_y, grad_weight if weight is not None else None, grad_bias if bias is not None else None, None
+
+
+batch_norm_relu.register_autograd(_bn_backward, setup_context=_bn_setup)
+
+
+def check_dtype(x: Tensor) -> None:
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the Triton backend computes float32, bfloat16 and float16, got {x.dtype}")
+
+
+def batch_norm_relu_stats(y, weight, bias, eps):
+    """(out, mean, unbiased var) of the Triton BatchNorm + ReLU, for the ops' wrappers."""
+    check_dtype(y)
+    out, mean, _, var = batch_norm_relu(y, weight, bias, eps)
+    return out, mean, var

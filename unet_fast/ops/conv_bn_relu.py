@@ -301,13 +301,13 @@ def _bn_backward(ctx, grad_out, *_):
             grad_bias if bias is not None else None, None)
 
 
-def _conv_bias_relu_setup(ctx, inputs, output):
+def conv_bias_relu_setup(ctx, inputs, output):
     x, weight, bias, padding = inputs
     ctx.save_for_backward(x, weight, output)
     ctx.has_bias, ctx.padding = bias is not None, padding
 
 
-def _conv_bias_relu_backward(ctx, grad_out):
+def conv_bias_relu_backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
     grad_y = torch.ops.aten.threshold_backward(grad_out, out, 0)
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
@@ -375,8 +375,8 @@ if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake(_lib + "double_conv", _fake_double_conv)
     torch.library.register_fake(_lib + "double_conv_backward", _fake_double_conv_backward)
     torch.library.register_autograd(_lib + "batch_norm_relu", _bn_backward, setup_context=_bn_setup)
-    torch.library.register_autograd(_lib + "conv_bias_relu", _conv_bias_relu_backward,
-                                    setup_context=_conv_bias_relu_setup)
+    torch.library.register_autograd(_lib + "conv_bias_relu", conv_bias_relu_backward,
+                                    setup_context=conv_bias_relu_setup)
     torch.library.register_autograd(_lib + "conv_bn_relu", _conv_backward, setup_context=_conv_setup)
     torch.library.register_autograd(_lib + "double_conv", _double_backward,
                                     setup_context=_double_setup)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ..ops.conv_bn_relu import conv_bias_relu_backward, conv_bias_relu_setup
 from . import kernels
 from .batch_norm_relu import (affine, channel_map, dense, batch_norm_relu_backward,
                               check_dtype)
@@ -18,20 +19,6 @@ Tensor = torch.Tensor
 def conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -> Tensor:
     """Eval path: relu(conv3x3(x) + bias) in one implicit-GEMM kernel (ReLU in its epilogue)."""
     return _conv3x3(x, weight, bias, padding, None, relu=True)[0]
-
-
-def _conv_bias_relu_setup(ctx, inputs, output):
-    x, weight, bias, padding = inputs
-    ctx.save_for_backward(x, weight, output)
-    ctx.has_bias, ctx.padding = bias is not None, padding
-
-
-def _conv_bias_relu_backward(ctx, grad_out):
-    x, weight, out = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _conv_backward(torch.ops.aten.threshold_backward(grad_out, out, 0),
-                                            x, weight, ctx.has_bias, ctx.padding,
-                                            ctx.needs_input_grad[0])
-    return grad_x, grad_w, grad_b, None
 
 
 def conv_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -> Tensor:
@@ -143,4 +130,5 @@ def _double_backward(ctx, grad_out, *_):
 
 
 double_conv.register_autograd(_double_backward, setup_context=_double_setup)
-conv_bias_relu.register_autograd(_conv_bias_relu_backward, setup_context=_conv_bias_relu_setup)
+# the same formula as the C++ eval op's: threshold, then ATen's convolution backward
+conv_bias_relu.register_autograd(conv_bias_relu_backward, setup_context=conv_bias_relu_setup)

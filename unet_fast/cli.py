@@ -13,11 +13,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, default=128, help="input height and width")
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--base-features", type=int, default=64)
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    b.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16", "float16", "float64"])
     b.add_argument("--backend", default="auto", choices=_backend.NAMES)
-    b.add_argument("--rounds", type=int, default=7)
+    b.add_argument("--rounds", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--plot", metavar="PATH", help="also draw images/s as a bar chart (PNG)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("backends", help="what was built and which backend each device uses")
     return p

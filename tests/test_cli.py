@@ -1,0 +1,43 @@
+"""The `unet-fast` command: a tiny bench end to end, and bad input as one line on stderr."""
+import json
+
+import pytest
+import torch
+
+from unet_fast import cli
+
+
+def test_bench_reports_every_figure(tmp_path, capsys):
+    path, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert cli.main(["bench", "--size", "32", "--base-features", "4", "--rounds", "1",
+                     "--warmup", "0", "--quiet", "--json", str(path), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "float32" in text and "bfloat16" in text and "of one large conv's" in text
+    result = json.loads(path.read_text())
+    assert [run["dtype"] for run in result["runs"]] == ["float32", "bfloat16"]
+    for run in result["runs"]:
+        for mode in ("inference", "train"):
+            assert run[f"candidate_{mode}_images_per_s"] > 0
+            assert run[f"candidate_{mode}_flops_per_s"] > 0
+        assert run["candidate_saved_bytes"] < 0.7 * run["baseline_saved_bytes"]
+        assert run["gradient_diff"][1] is True and run["inference_output_diff"][1] is True
+    assert result["runs"][0]["forward_flops"] > 0 and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--device", "cuda"], "no CUDA GPU is available"),
+    (["bench", "--batch", "1"], "--batch must be at least 2"),
+    (["bench", "--size", "8", "--quiet"], "too small for 4 poolings"),
+])
+def test_bench_bad_input_is_one_line_on_stderr(argv, message, capsys):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_unknown_backend_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--backend", "fast"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err

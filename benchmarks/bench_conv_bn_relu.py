@@ -15,21 +15,37 @@ from unet_fast.nn import FusedDoubleConv
 
 CASES = {"64x256": (2, 64, 256, 256), "512x32": (2, 512, 32, 32)}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def activation(case, layout):
-    return torch.randn(CASES[case]).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+def activation(case, layout, device):
+    x = torch.randn(CASES[case], device=device).contiguous(memory_format=LAYOUTS[layout])
+    return x.requires_grad_()
+
+
+def synchronized(fn, device):
+    """fn, ending with torch.cuda.synchronize() on a GPU so the timer sees the kernels."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_bn_relu_forward_backward(benchmark, case, layout, impl):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_relu_forward_backward(benchmark, case, layout, impl, device):
     """BatchNorm (batch statistics) + ReLU, forward and backward."""
-    y = activation(case, layout)
+    y = activation(case, layout, device)
     c = y.shape[1]
-    weight, bias = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
-    mean, var = torch.zeros(c), torch.ones(c)
+    weight = torch.ones(c, device=device, requires_grad=True)
+    bias = torch.zeros(c, device=device, requires_grad=True)
+    mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)
     grad = torch.randn_like(y)
 
     def fused():
@@ -40,7 +56,7 @@ def test_bn_relu_forward_backward(benchmark, case, layout, impl):
         out = F.relu(F.batch_norm(y, mean, var, weight, bias, True))
         torch.autograd.grad(out, (y, weight, bias), grad)
 
-    benchmark(fused if impl == "fused" else reference)
+    benchmark(synchronized(fused if impl == "fused" else reference, device))
 
 
 def double_conv_pair(c):
@@ -53,28 +69,30 @@ def double_conv_pair(c):
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_double_conv_training(benchmark, case, layout, impl):
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_conv_training(benchmark, case, layout, impl, device):
     """Training forward + backward; saved-for-backward bytes in extra_info."""
-    x = activation(case, layout)
-    model = double_conv_pair(x.shape[1])[impl].train().to(memory_format=LAYOUTS[layout])
+    x = activation(case, layout, device)
+    model = double_conv_pair(x.shape[1])[impl].train().to(device, memory_format=LAYOUTS[layout])
     benchmark.extra_info["saved_bytes"] = saved_bytes(model, x)
 
     def step():
         model(x).sum().backward()
 
-    benchmark(step)
+    benchmark(synchronized(step, device))
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_double_conv_eval(benchmark, case, layout, impl):
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_conv_eval(benchmark, case, layout, impl, device):
     """Inference: BatchNorm folded into the convs, ReLU fused (fused) vs the module as written."""
-    x = activation(case, layout).detach()
-    model = double_conv_pair(x.shape[1])[impl].eval().to(memory_format=LAYOUTS[layout])
+    x = activation(case, layout, device).detach()
+    model = double_conv_pair(x.shape[1])[impl].eval().to(device, memory_format=LAYOUTS[layout])
 
     def run():
         with torch.no_grad():
             model(x)
 
-    benchmark(run)
+    benchmark(synchronized(run, device))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import unet_fast
+from bench_conv_bn_relu import DEVICES, synchronized
 from unet_fast import reference
 
 # U-Net-sized skips: (N, C, H, W) of skip and up, and the target size
@@ -15,19 +16,20 @@ CASES = {
 }
 
 
-def make(case, channels_last):
+def make(case, channels_last, device):
     skip_shape, up_shape, size = CASES[case]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    skip = torch.randn(skip_shape).contiguous(memory_format=fmt)
-    up = torch.randn(up_shape).contiguous(memory_format=fmt)
+    skip = torch.randn(skip_shape, device=device).contiguous(memory_format=fmt)
+    up = torch.randn(up_shape, device=device).contiguous(memory_format=fmt)
     return skip, up, size
 
 
 @pytest.mark.parametrize("impl", ["fused", "reference"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_crop_concat_forward(benchmark, case, channels_last, impl):
-    skip, up, size = make(case, channels_last)
+@pytest.mark.parametrize("device", DEVICES)
+def test_crop_concat_forward(benchmark, case, channels_last, impl, device):
+    skip, up, size = make(case, channels_last, device)
     fn = unet_fast.crop_concat if impl == "fused" else reference.crop_concat
     benchmark.extra_info["bytes_written"] = fn(skip, up, size).nbytes
-    benchmark(fn, skip, up, size)
+    benchmark(synchronized(lambda: fn(skip, up, size), device))

@@ -2,7 +2,9 @@
 channels_last), inference (1x3x256x256) and a training step (2x3x256x256, SGD), float32 and
 bfloat16 (the tutorial under torch.autocast). Weights shared.
 
-    pytest benchmarks/bench_unet.py --benchmark-only --benchmark-group-by=param:mode,param:dtype
+    pytest benchmarks/bench_unet.py --benchmark-only --benchmark-group-by=param:device,param:mode,param:dtype
+
+On a GPU the timed functions end with torch.cuda.synchronize().
 """
 import copy
 import sys
@@ -18,14 +20,15 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import tutorial_unet  # noqa: E402
 
 IMPLS = ["fused", "tutorial", "tutorial_channels_last"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def model_and_input(impl, mode, dtype):
+def model_and_input(impl, mode, dtype, device="cpu"):
     torch.manual_seed(0)
-    tutorial = tutorial_unet.UNet(3, 2, bilinear=False)
-    x = torch.randn(1 if mode == "inference" else 2, 3, 256, 256)
+    tutorial = tutorial_unet.UNet(3, 2, bilinear=False).to(device)
+    x = torch.randn(1 if mode == "inference" else 2, 3, 256, 256, device=device)
     if impl == "fused":
-        model = unet_fast.UNet(3, 2, bilinear=False)
+        model = unet_fast.UNet(3, 2, bilinear=False).to(device)
         model.load_state_dict(tutorial.state_dict())
         if dtype == "bfloat16":  # our bf16 path: the model in bfloat16
             model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
@@ -37,22 +40,25 @@ def model_and_input(impl, mode, dtype):
     return model, x, dtype == "bfloat16"  # the tutorial runs bfloat16 under autocast
 
 
-def step_fn(impl, mode, dtype):
-    model, x, autocast = model_and_input(impl, mode, dtype)
+def step_fn(impl, mode, dtype, device="cpu"):
+    model, x, autocast = model_and_input(impl, mode, dtype, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def inference():
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=autocast):
             model(x)
+        sync()
 
     def train():
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, torch.bfloat16, enabled=autocast):
             out = model(x)
         out.float().square().mean().backward()
         optimizer.step()
+        sync()
 
     return (inference if mode == "inference" else train), model, x
 
@@ -60,8 +66,9 @@ def step_fn(impl, mode, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["inference", "train"])
-def test_unet(benchmark, mode, dtype, impl):
-    fn, model, x = step_fn(impl, mode, dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_unet(benchmark, device, mode, dtype, impl):
+    fn, model, x = step_fn(impl, mode, dtype, device)
     if mode == "train":
         model.train()
         benchmark.extra_info["saved_bytes"] = saved_bytes(model, x)

@@ -73,7 +73,7 @@ def main():
     for title, test, cases in suites:
         for case in cases:
             for layout in ("nchw", "nhwc"):
-                params = {"case": case}
+                params = {"case": case, "device": "cpu"}
                 if test is crop_cases.test_crop_concat_forward:
                     params["channels_last"] = layout == "nhwc"
                 else:

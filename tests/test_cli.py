@@ -20,7 +20,7 @@ def test_bench_reports_every_figure(tmp_path, capsys):
             assert run[f"candidate_{mode}_images_per_s"] > 0
             assert run[f"candidate_{mode}_flops_per_s"] > 0
         assert run["candidate_saved_bytes"] < 0.7 * run["baseline_saved_bytes"]
-        assert run["gradient_diff"][1] is True and run["inference_output_diff"][1] is True
+        assert run["gradient_diff"][2] is True and run["inference_output_diff"][2] is True
     assert result["runs"][0]["forward_flops"] > 0 and png.stat().st_size > 1000
 
 
@@ -37,7 +37,10 @@ def test_bench_bad_input_is_one_line_on_stderr(argv, message, capsys):
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def test_unknown_backend_is_refused_by_the_parser(capsys):
+@pytest.mark.parametrize("argv, message", [(["bench", "--backend", "fast"], "invalid choice: 'fast'"),
+                                           (["bench", "--rounds", "x"], "invalid int value")])
+def test_bad_arguments_are_one_line_too(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["bench", "--backend", "fast"])
-    assert exit_info.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1

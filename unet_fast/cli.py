@@ -5,9 +5,16 @@ import sys
 from . import _backend
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unet-fast", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="unet-fast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     b = sub.add_parser("bench", help="reference vs unet_fast UNet, interleaved in one process")
     b.add_argument("--device", default="cpu")
     b.add_argument("--size", type=int, default=128, help="input height and width")

@@ -1,6 +1,6 @@
 """BN+ReLU, double_conv (training memory and eval speed): fused vs reference, both layouts.
 
-    pytest benchmarks/bench_conv_bn_relu.py --benchmark-only --benchmark-group-by=func,param:case,param:layout
+    pytest benchmarks/bench_conv_bn_relu.py --benchmark-only
 """
 import copy
 
@@ -41,6 +41,7 @@ def synchronized(fn, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bn_relu_forward_backward(benchmark, case, layout, impl, device):
     """BatchNorm (batch statistics) + ReLU, forward and backward."""
+    benchmark.group = f"BN+ReLU fwd+bwd {device} {case} {layout}"
     y = activation(case, layout, device)
     c = y.shape[1]
     weight = torch.ones(c, device=device, requires_grad=True)
@@ -72,6 +73,7 @@ def double_conv_pair(c):
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_conv_training(benchmark, case, layout, impl, device):
     """Training forward + backward; saved-for-backward bytes in extra_info."""
+    benchmark.group = f"double_conv train {device} {case} {layout}"
     x = activation(case, layout, device)
     model = double_conv_pair(x.shape[1])[impl].train().to(device, memory_format=LAYOUTS[layout])
     benchmark.extra_info["saved_bytes"] = saved_bytes(model, x)
@@ -88,6 +90,7 @@ def test_double_conv_training(benchmark, case, layout, impl, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_conv_eval(benchmark, case, layout, impl, device):
     """Inference: BatchNorm folded into the convs, ReLU fused (fused) vs the module as written."""
+    benchmark.group = f"double_conv eval {device} {case} {layout}"
     x = activation(case, layout, device).detach()
     model = double_conv_pair(x.shape[1])[impl].eval().to(device, memory_format=LAYOUTS[layout])
 

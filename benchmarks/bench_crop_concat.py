@@ -1,6 +1,6 @@
 """crop_concat forward (+ backward) vs F.pad / slicing + torch.cat, both layouts.
 
-    pytest benchmarks/bench_crop_concat.py --benchmark-only --benchmark-group-by=param:case
+    pytest benchmarks/bench_crop_concat.py --benchmark-only
 """
 import pytest
 import torch
@@ -29,6 +29,7 @@ def make(case, channels_last, device):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("device", DEVICES)
 def test_crop_concat_forward(benchmark, case, channels_last, impl, device):
+    benchmark.group = f"crop_concat {device} {case} {'nhwc' if channels_last else 'nchw'}"
     skip, up, size = make(case, channels_last, device)
     fn = unet_fast.crop_concat if impl == "fused" else reference.crop_concat
     benchmark.extra_info["bytes_written"] = fn(skip, up, size).nbytes

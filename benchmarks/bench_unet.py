@@ -2,7 +2,7 @@
 channels_last), inference (1x3x256x256) and a training step (2x3x256x256, SGD), float32 and
 bfloat16 (the tutorial under torch.autocast). Weights shared.
 
-    pytest benchmarks/bench_unet.py --benchmark-only --benchmark-group-by=param:device,param:mode,param:dtype
+    pytest benchmarks/bench_unet.py --benchmark-only
 
 On a GPU the timed functions end with torch.cuda.synchronize().
 """
@@ -68,6 +68,7 @@ def step_fn(impl, mode, dtype, device="cpu"):
 @pytest.mark.parametrize("mode", ["inference", "train"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_unet(benchmark, device, mode, dtype, impl):
+    benchmark.group = f"UNet {mode} {device} {dtype}"
     fn, model, x = step_fn(impl, mode, dtype, device)
     if mode == "train":
         model.train()

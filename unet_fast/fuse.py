@@ -5,15 +5,15 @@ from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, 
 
 
 def _fused(seq: nn.Sequential, backend: str):
-    """The fused module for a Sequential, or None when it holds no Conv -> BN -> ReLU run."""
-    children = list(seq)
-    starts = runs(children)
-    if starts == [0] and len(children) == 3:
-        return FusedConvBNReLU.from_modules(*children, backend=backend)
-    if (starts == [0, 3] and len(children) == 6
-            and children[0].padding == children[3].padding):
-        return FusedDoubleConv.from_modules(*children, backend=backend)
-    return FusedSequential.from_sequential(seq, backend=backend) if starts else None
+    """The most specific fused module for a Sequential, or None when it holds no Conv -> BN ->
+    ReLU run (a double conv also stores less for backward)."""
+    if not runs(list(seq)):
+        return None
+    for cls in (FusedDoubleConv, FusedConvBNReLU, FusedSequential):
+        try:
+            return cls.from_modules(*seq, backend=backend)
+        except ValueError:  # not that structure
+            continue
 
 
 def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):

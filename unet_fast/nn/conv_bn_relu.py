@@ -93,96 +93,6 @@ def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights):
     return ops.conv_bias_relu(x, *folded(conv, bn, x, prepacked), conv.padding[0], backend=backend)
 
 
-class FusedConvBNReLU(nn.Sequential):
-    """Conv2d -> BatchNorm2d -> ReLU; state_dict keys 0.* (conv) and 1.* (BN)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-        self.backend, self.folded = backend, FoldedWeights()
-
-    @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: Optional[nn.Module] = None,
-                     *, backend: str = "auto") -> "FusedConvBNReLU":
-        """Wraps existing modules (sharing their parameters) without copying."""
-        if not fusable(conv, bn):
-            raise ValueError(f"cannot fuse {conv} -> {bn}: needs a stride-1, ungrouped, "
-                             "zero-padded Conv2d feeding a BatchNorm2d of its width")
-        module = cls.__new__(cls)
-        nn.Sequential.__init__(module, conv, bn, relu or nn.ReLU(inplace=True))
-        module.backend, module.folded = backend, FoldedWeights()
-        return module
-
-    def forward(self, x):
-        if _backend.resolve(self.backend, x.device, "conv_bn_relu") == "reference":
-            return super().forward(x)
-        return conv_bn_relu_forward(x, self[0], self[1], self.backend, self.folded)
-
-
-class FusedDoubleConv(nn.Sequential):
-    """(Conv2d -> BatchNorm2d -> ReLU) x 2, the tutorial's DoubleConv.double_conv; keys 0, 1, 3, 4.
-
-    Training stores x and both conv outputs only; relu(bn(conv1(x))) is recomputed in backward.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, mid_channels: Optional[int] = None,
-                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
-        mid_channels = mid_channels or out_channels
-        super().__init__(
-            nn.Conv2d(in_channels, mid_channels, 3, padding=padding, bias=bias),
-            nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
-            nn.Conv2d(mid_channels, out_channels, 3, padding=padding, bias=bias),
-            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-        self.backend, self.folded = backend, (FoldedWeights(), FoldedWeights())
-
-    @classmethod
-    def from_modules(cls, *modules: nn.Module, backend: str = "auto") -> "FusedDoubleConv":
-        """Wraps (conv, bn, relu, conv, bn, relu) modules, sharing their parameters."""
-        conv1, bn1, relu1, conv2, bn2, relu2 = modules
-        if not (fusable(conv1, bn1) and fusable(conv2, bn2) and conv1.padding == conv2.padding):
-            raise ValueError("cannot fuse: needs two stride-1, ungrouped, equally zero-padded "
-                             "Conv2d -> BatchNorm2d pairs")
-        module = cls.__new__(cls)
-        nn.Sequential.__init__(module, *modules)
-        module.backend, module.folded = backend, (FoldedWeights(), FoldedWeights())
-        return module
-
-    def forward(self, x):
-        return self.forward_recipe(x)[0]
-
-    def fused_training(self, x) -> bool:
-        return (self[1].training and self[4].training
-                and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference")
-
-    def forward_recipe(self, x):
-        """(output, recipe that recomputes it): see unet_fast.ops.recompute; the recipe is None
-        outside fused training."""
-        if _backend.resolve(self.backend, x.device, "conv_bn_relu") == "reference":
-            return super().forward(x), None
-        conv1, bn1, _, conv2, bn2, _ = self
-        if self.fused_training(x):
-            mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
-            return ops.double_conv(x, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
-                                   mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias,
-                                   mode2[1], mode2[2], True, mode1[3], mode2[3], bn1.eps, bn2.eps,
-                                   conv1.padding[0], backend=self.backend, return_recipe=True)
-        x = conv_bn_relu_forward(x, conv1, bn1, self.backend, self.folded[0])
-        return conv_bn_relu_forward(x, conv2, bn2, self.backend, self.folded[1]), None
-
-    def forward_joined(self, skip, up, size, recipe=None):
-        """self(crop_concat(skip, up, size)); given skip's recipe, training keeps that recipe and
-        `up` for backward instead of the concatenated tensor."""
-        if recipe is None or not self.fused_training(skip) or not torch.is_grad_enabled():
-            return self(ops.crop_concat(skip, up, size, backend=self.backend))
-        conv1, bn1, _, conv2, bn2, _ = self
-        mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
-        return recompute.join_double_conv(
-            skip, recipe, up, size, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
-            mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias, mode2[1], mode2[2],
-            mode1[3], mode2[3], bn1.eps, bn2.eps, conv1.padding[0])
-
-
 def runs(modules) -> list:
     """Start indices of the Conv2d -> BatchNorm2d -> ReLU runs in a list of modules."""
     starts, i = [], 0
@@ -199,14 +109,21 @@ class FusedSequential(nn.Sequential):
     """Any nn.Sequential whose Conv2d -> BatchNorm2d -> ReLU runs go through the fused op; its
     other children run as they are. Children, indices and state_dict keys are unchanged."""
 
+    def __init__(self, *modules: nn.Module, backend: str = "auto"):
+        super().__init__(*modules)
+        self.backend = backend
+        self.folded = {start: FoldedWeights() for start in runs(list(self))}
+
     @classmethod
-    def from_sequential(cls, seq: nn.Sequential, *, backend: str = "auto") -> "FusedSequential":
+    def from_modules(cls, *modules: nn.Module, backend: str = "auto"):
+        """Wraps existing modules (sharing their parameters) without copying."""
         module = cls.__new__(cls)
-        nn.Sequential.__init__(module, *seq)
-        module.train(seq.training)
-        module.backend = backend
-        module.folded = {start: FoldedWeights() for start in runs(list(seq))}
+        FusedSequential.__init__(module, *modules, backend=backend)
+        module.check()
         return module
+
+    def check(self) -> None:
+        """Subclasses that expect a fixed structure refuse anything else here."""
 
     def forward(self, x):
         if _backend.resolve(self.backend, x.device, "conv_bn_relu") == "reference":
@@ -221,3 +138,69 @@ class FusedSequential(nn.Sequential):
                 x = children[i](x)
                 i += 1
         return x
+
+
+class FusedConvBNReLU(FusedSequential):
+    """Conv2d -> BatchNorm2d -> ReLU; state_dict keys 0.* (conv) and 1.* (BN)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True), backend=backend)
+
+    def check(self):
+        if len(self) != 3 or list(self.folded) != [0]:
+            raise ValueError(f"cannot fuse {list(self)}: needs a stride-1, ungrouped, zero-padded "
+                             "Conv2d feeding a BatchNorm2d of its width, then a ReLU")
+
+
+class FusedDoubleConv(FusedSequential):
+    """(Conv2d -> BatchNorm2d -> ReLU) x 2, the tutorial's DoubleConv.double_conv; keys 0, 1, 3, 4.
+
+    Training stores x and both conv outputs only; relu(bn(conv1(x))) is recomputed in backward.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, mid_channels: Optional[int] = None,
+                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
+        mid_channels = mid_channels or out_channels
+        super().__init__(
+            nn.Conv2d(in_channels, mid_channels, 3, padding=padding, bias=bias),
+            nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(mid_channels, out_channels, 3, padding=padding, bias=bias),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True), backend=backend)
+
+    def check(self):
+        if len(self) != 6 or list(self.folded) != [0, 3] or self[0].padding != self[3].padding:
+            raise ValueError("cannot fuse: needs two stride-1, ungrouped, equally zero-padded "
+                             "Conv2d -> BatchNorm2d -> ReLU runs")
+
+    def forward(self, x):
+        return self.forward_recipe(x)[0]
+
+    def fused_training(self, x) -> bool:
+        return (self[1].training and self[4].training
+                and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference")
+
+    def forward_recipe(self, x):
+        """(output, recipe that recomputes it): see unet_fast.ops.recompute; the recipe is None
+        outside fused training."""
+        conv1, bn1, _, conv2, bn2, _ = self
+        if self.fused_training(x):
+            mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
+            return ops.double_conv(x, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
+                                   mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias,
+                                   mode2[1], mode2[2], True, mode1[3], mode2[3], bn1.eps, bn2.eps,
+                                   conv1.padding[0], backend=self.backend, return_recipe=True)
+        return super().forward(x), None  # eval, or the reference
+
+    def forward_joined(self, skip, up, size, recipe=None):
+        """self(crop_concat(skip, up, size)); given skip's recipe, training keeps that recipe and
+        `up` for backward instead of the concatenated tensor."""
+        if recipe is None or not self.fused_training(skip) or not torch.is_grad_enabled():
+            return self(ops.crop_concat(skip, up, size, backend=self.backend))
+        conv1, bn1, _, conv2, bn2, _ = self
+        mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
+        return recompute.join_double_conv(
+            skip, recipe, up, size, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
+            mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias, mode2[1], mode2[2],
+            mode1[3], mode2[3], bn1.eps, bn2.eps, conv1.padding[0])

@@ -99,7 +99,8 @@ def extensions():
     with_cuda, why = cuda_decision()
     isa, isa_flags = cpu_isa()
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-fopenmp", "-fdiagnostics-color=always"] + isa_flags
+    std = ["-std=c++20"]  # explicit: older torch would otherwise pass -std=c++17
+    cxx = opt + std + ["-fopenmp", "-fdiagnostics-color=always"] + isa_flags
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -107,7 +108,7 @@ def extensions():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = opt + std + ["--expt-relaxed-constexpr", "-lineinfo"]
         include_dirs += nvidia_wheel_includes()
         ext_cls = cpp_extension.CUDAExtension
     print("unet_fast build configuration:", flush=True)

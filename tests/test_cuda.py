@@ -1,5 +1,7 @@
 """The CUDA kernels against the reference on the GPU; skipped where no GPU exists (CI compiles
 them with FORCE_CUDA=1)."""
+import copy
+
 import pytest
 import torch
 
@@ -58,3 +60,68 @@ def test_unet_on_cuda_matches_reference(dtype):
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 37, 45, device="cuda", dtype=dtype)
     assert_histories_close(training_history(ours, x), training_history(ref, x), dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_bfloat16_unet_on_gpu_within_the_rule(x_layout, backend, training):
+    """A bfloat16 UNet on each GPU backend: RMS error against float64 at most twice the
+    reference's own bfloat16 error (DESIGN.md's rule), outputs and parameter gradients."""
+    from conftest import assert_bf16_within_rule
+    ours = unet_fast.UNet(3, 2, base_features=8, bilinear=False, backend=backend)
+    ref = reference.UNet(3, 2, base_features=8, bilinear=False)
+    ref.load_state_dict(ours.state_dict())
+    x = layout(torch.randn(2, 3, 40, 48, device="cuda", dtype=torch.float64), x_layout)
+    results = []
+    for model, dtype in ((ours, torch.bfloat16), (ref, torch.bfloat16), (ref, torch.float64)):
+        model = copy.deepcopy(model).to("cuda", dtype).train(training)
+        with torch.no_grad():  # the same bfloat16 values everywhere
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.to(torch.bfloat16))
+        out = model(x.to(torch.bfloat16).to(dtype))
+        out.double().square().mean().backward()
+        results.append([out] + [p.grad for p in model.parameters()])
+    assert_bf16_within_rule(*results)
+
+
+@pytest.mark.parametrize("channels", [3, 64, 300])
+@pytest.mark.parametrize("x_layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_batch_norm_relu_kernels_every_width(dtype, x_layout, channels):
+    """Vectorised and scalar paths (channel counts that do and do not fill 16-byte vectors, more
+    channels than a block's lanes) against float64 batch norm on the same values."""
+    y = layout(torch.randn(3, channels, 9, 17, device="cuda") * 2 + 1, x_layout).to(dtype)
+    g = torch.rand(channels, device="cuda") + 0.5
+    b = torch.randn(channels, device="cuda")
+    out, mean, invstd, var = torch.ops.unet_fast.batch_norm_relu(y, g, b, 1e-5)
+    exact = y.double()
+    torch.testing.assert_close(mean.double(), exact.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), exact.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    want = torch.relu(torch.nn.functional.batch_norm(exact, None, None, g.double(), b.double(), True))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol * 4)
+    assert out.stride() == y.contiguous(memory_format=torch._prims_common.suggest_memory_format(y)).stride()
+    grad = torch.randn_like(out)
+    grad_y, grad_g, grad_b = torch.ops.unet_fast.batch_norm_relu_backward(grad, y, g, b, mean, invstd)
+    exact.requires_grad_()
+    g64, b64 = g.double().requires_grad_(), b.double().requires_grad_()
+    ref = torch.relu(torch.nn.functional.batch_norm(exact, None, None, g64, b64, True))
+    want_grads = torch.autograd.grad(ref, (exact, g64, b64), grad.double())
+    for got, want_grad in zip((grad_y, grad_g, grad_b), want_grads):
+        scale = want_grad.abs().max().item()
+        torch.testing.assert_close(got.double(), want_grad, rtol=tol * 4, atol=tol * 4 * scale)
+
+
+@pytest.mark.parametrize("channels", [(64, 32), (3, 5)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_crop_concat_vector_and_scalar_paths(dtype, channels):
+    skip = torch.randn(2, channels[0], 20, 22, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    up = torch.randn(2, channels[1], 16, 16, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    for size in ((16, 16), (18, 20), (20, 22)):
+        for backend in ("cuda", "triton"):
+            out = ops.crop_concat(skip, up, size, backend=backend)
+            torch.testing.assert_close(out, reference.crop_concat(skip, up, size), rtol=0, atol=0)

@@ -9,35 +9,51 @@ from torch.library import triton_op, wrap_triton
 from . import kernels
 
 Tensor = torch.Tensor
-BLOCK = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TILE = 2048  # elements per program step of the elementwise and reduction kernels
 
 
-def dense(t: Tensor) -> Tuple[Tensor, bool, Tuple[int, int, int]]:
-    """t dense in its memory format, whether that is channels_last, and its (N, C, HW) strides."""
+def dense(t: Tensor) -> Tuple[Tensor, bool]:
+    """t dense in its memory format, and whether that is channels_last."""
     channels_last = torch._prims_common.suggest_memory_format(t) == torch.channels_last
-    t = t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    n, c, h, w = t.shape
-    return t, channels_last, ((h * w * c, 1, c) if channels_last else (c * h * w, h * w, 1))
+    return t.contiguous(memory_format=torch.channels_last if channels_last else
+                        torch.contiguous_format), channels_last
 
 
-def channel_sums(y, dy, coef, strides, backward: bool):
+def _tiling(y: Tensor, channels_last: bool, rows_per_program: Optional[int] = None):
+    """(BLOCK_P, BLOCK_C, grid, CHUNK, HW_PARTS) for a (rows x channels) tiling of y: NHWC rows
+    are pixels, channels contiguous; NCHW rows run along one plane, a few channels per program."""
     n, c, h, w = y.shape
-    count = n * h * w
-    blocks = triton.cdiv(count, BLOCK)
-    chunk = BLOCK * triton.cdiv(blocks, min(blocks, 64))
-    chunks = triton.cdiv(count, chunk)
-    partial = y.new_empty((2, c, chunks), dtype=torch.float32)
-    wrap_triton(kernels.channel_sums_kernel)[(c, chunks)](
-        y, dy, coef, partial, n, c, h * w, *strides, CHUNK=chunk, BLOCK=BLOCK, BACKWARD=backward)
+    block_c = min(triton.next_power_of_2(c), 64) if channels_last else 1
+    block_p = TILE // block_c
+    rows = n * h * w if channels_last else h * w
+    chunk = rows_per_program or block_p
+    parts = triton.cdiv(rows, chunk)
+    grid = (parts if channels_last else parts * n, triton.cdiv(c, block_c))
+    return block_p, block_c, grid, chunk, parts
+
+
+def channel_sums(y, dy, coef, channels_last: bool, backward: bool):
+    """(2, C) float64 sums (see channel_sums_kernel), about 64 programs per channel block."""
+    n, c, h, w = y.shape
+    rows = n * h * w if channels_last else h * w
+    block_p = _tiling(y, channels_last)[0]
+    per_plane = 64 if channels_last else max(1, 64 // n)
+    chunk = block_p * triton.cdiv(triton.cdiv(rows, block_p), per_plane)
+    block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last, chunk)
+    partial = y.new_empty((2, c, grid[0]), dtype=torch.float32)
+    wrap_triton(kernels.channel_sums_kernel)[grid](
+        y, dy, coef, partial, c, h * w, n * h * w, chunk, hw_parts, BLOCK_P=block_p,
+        BLOCK_C=block_c, CHANNELS_LAST=channels_last, BACKWARD=backward)
     return partial.double().sum(-1)  # float64 across programs
 
 
-def channel_map(out, y, dy, coef, strides, channels_last: bool, backward: bool):
+def channel_map(out, y, dy, coef, channels_last: bool, backward: bool):
     n, c, h, w = y.shape
-    wrap_triton(kernels.channel_map_kernel)[(triton.cdiv(y.numel(), BLOCK),)](
-        out, y, dy, coef, n, c, h * w, *strides, BLOCK=BLOCK, CHANNELS_LAST=channels_last,
-        BACKWARD=backward)
+    block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last)
+    wrap_triton(kernels.channel_map_kernel)[grid](
+        out, y, dy, coef, c, h * w, n * h * w, chunk, hw_parts, BLOCK_P=block_p, BLOCK_C=block_c,
+        CHANNELS_LAST=channels_last, BACKWARD=backward)
     return out
 
 
@@ -51,21 +67,21 @@ def affine(mean, invstd, weight, bias):
 def batch_norm_relu(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of unet_fast::batch_norm_relu: (out, mean, invstd, unbiased var)."""
-    y, channels_last, strides = dense(y)
+    y, channels_last = dense(y)
     n, c, h, w = y.shape
     count = n * h * w
     zeros = y.new_zeros(c, dtype=torch.float32)
     if count == 0:
         return torch.empty_like(y), zeros, zeros.clone(), zeros.clone()
-    first = y[0, :, 0, 0].float().contiguous()  # per-channel shift: exact variance at any mean
-    sums = channel_sums(y, y, first, strides, backward=False)
+    sums = channel_sums(y, y, y, channels_last, backward=False)
+    first = y[0, :, 0, 0].double()  # the shift the sums were taken around
     shifted_mean = sums[0] / count
     var = (sums[1] / count - shifted_mean ** 2).clamp_min(0)
-    mean = first.double() + shifted_mean
+    mean = first + shifted_mean
     invstd = torch.rsqrt(var + eps)
     scale, shift = affine(mean, invstd, weight, bias)
     coef = torch.stack([scale, shift]).float().contiguous()
-    out = channel_map(torch.empty_like(y), y, y, coef, strides, channels_last, backward=False)
+    out = channel_map(torch.empty_like(y), y, y, coef, channels_last, backward=False)
     return out, mean.float(), invstd.float(), (var * count / max(count - 1, 1)).float()
 
 
@@ -74,20 +90,20 @@ def batch_norm_relu_backward(grad_out: Tensor, y: Tensor, weight: Optional[Tenso
                              bias: Optional[Tensor], mean: Tensor,
                              invstd: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_y, grad_weight, grad_bias), as the C++ kernel: grad_y = m dy k + a y + b."""
-    y, channels_last, strides = dense(y)
+    y, channels_last = dense(y)
     dy = grad_out.to(y.dtype).contiguous(memory_format=torch.channels_last if channels_last
                                          else torch.contiguous_format)
     n, c, h, w = y.shape
     count = n * h * w
     mean, invstd = mean.double(), invstd.double()
     scale, shift = affine(mean, invstd, weight, bias)
-    sums = channel_sums(y, dy, torch.stack([scale, shift, mean]).float().contiguous(), strides,
-                         backward=True)
+    sums = channel_sums(y, dy, torch.stack([scale, shift, mean]).float().contiguous(),
+                        channels_last, backward=True)
     gain = scale
     slope = -gain * invstd * invstd * sums[1] / count
     offset = -gain * sums[0] / count - slope * mean
     coef = torch.stack([scale, shift, gain, slope, offset]).float().contiguous()
-    grad_y = channel_map(torch.empty_like(y), y, dy, coef, strides, channels_last, backward=True)
+    grad_y = channel_map(torch.empty_like(y), y, dy, coef, channels_last, backward=True)
     dtype = weight.dtype if weight is not None else torch.float32
     return grad_y, (sums[1] * invstd).to(dtype), sums[0].to(dtype)
 

@@ -30,9 +30,6 @@ def conv_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int) -
     return F.conv2d(x, weight, bias, padding=padding).relu_()
 
 
-CONV_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
-
-
 def _conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int,
              prologue: Optional[Tensor], relu: bool):
     """Launches the implicit-GEMM convolution: (y channels_last, per-tile partial statistics)."""
@@ -42,14 +39,15 @@ def _conv3x3(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int,
     h_out, w_out = h + 2 * padding - 2, w + 2 * padding - 2
     taps = weight.permute(2, 3, 1, 0).reshape(9, c_in, c_out).contiguous()
     y = x.new_empty((n, c_out, h_out, w_out)).contiguous(memory_format=torch.channels_last)
-    pixels = n * h_out * w_out
-    tiles = triton.cdiv(pixels, CONV_BLOCKS["BLOCK_M"])
-    partial = x.new_empty((2, tiles, c_out), dtype=torch.float32)
+    max_tiles = triton.cdiv(n * h_out * w_out, kernels.CONV_MIN_BLOCK_M)
+    partial = x.new_zeros((3, max_tiles, c_out), dtype=torch.float32)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    wrap_triton(kernels.conv3x3_bn_kernel)[(tiles, triton.cdiv(c_out, CONV_BLOCKS["BLOCK_N"]))](
+    grid = lambda meta: (triton.cdiv(n * h_out * w_out, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(c_out, meta["BLOCK_N"]))
+    wrap_triton(kernels.conv3x3_bn_kernel)[grid](
         x, taps, bias if bias is not None else taps, prologue if prologue is not None else taps,
-        y, partial, n, h, w, c_in, c_out, h_out, w_out, padding, PROLOGUE=prologue is not None,
-        HAS_BIAS=bias is not None, RELU=relu, PRECISION=precision, **CONV_BLOCKS)
+        y, partial, n, h, w, c_in, c_out, h_out, w_out, padding, max_tiles,
+        PROLOGUE=prologue is not None, HAS_BIAS=bias is not None, RELU=relu, PRECISION=precision)
     return y, partial
 
 
@@ -58,14 +56,11 @@ def conv3x3_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: in
     """The implicit-GEMM convolution: (y channels_last, mean, invstd, unbiased var) with
     `prologue` (2, C_in) = (scale, shift) applying relu(x scale + shift) to x on the fly."""
     y, partial = _conv3x3(x, weight, bias, padding, prologue, relu=False)
-    tiles = partial.shape[1]
     pixels = y.shape[0] * y.shape[2] * y.shape[3]
-    counts = torch.full((tiles, 1), float(CONV_BLOCKS["BLOCK_M"]), dtype=torch.float64,
-                        device=x.device)
-    counts[-1] = pixels - CONV_BLOCKS["BLOCK_M"] * (tiles - 1)
-    sums, squares = partial.double()
+    sums, squares, counts = partial.double()
     mean = sums.sum(0) / pixels
-    m2 = (squares + counts * (sums / counts - mean) ** 2).sum(0)  # Chan et al.'s combination
+    # Chan et al.'s combination; tiles not launched have count 0 and contribute nothing
+    m2 = (squares + counts * (sums / counts.clamp_min(1) - mean) ** 2).sum(0)
     var = m2 / pixels
     return y, mean, torch.rsqrt(var + eps), m2 / max(pixels - 1, 1)
 
@@ -84,18 +79,17 @@ def double_conv(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], bn_weight1:
     y2, mean2, invstd2, var2 = conv3x3_stats(
         y1, weight2, bias2, padding, eps2, torch.stack([scale1, shift1]).float().contiguous())
     scale2, shift2 = affine(mean2, invstd2, bn_weight2, bn_bias2)
-    _, channels_last, strides = dense(y2)
     out = channel_map(torch.empty_like(y2), y2, y2, torch.stack([scale2, shift2]).float().contiguous(),
-                       strides, channels_last, backward=False)
+                      True, backward=False)
     return (out, y1, y2, *[t.float() for t in (mean1, invstd1, var1, mean2, invstd2, var2)])
 
 
 def _apply(y, weight, bias, mean, invstd):
     """relu(bn(y)) with given statistics: the recomputed middle activation."""
-    y, channels_last, strides = dense(y)
+    y, channels_last = dense(y)
     scale, shift = affine(mean.double(), invstd.double(), weight, bias)
     return channel_map(torch.empty_like(y), y, y, torch.stack([scale, shift]).float().contiguous(),
-                        strides, channels_last, backward=False)
+                       channels_last, backward=False)
 
 
 def _double_setup(ctx, inputs, output):

@@ -6,7 +6,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from . import kernels
-from .batch_norm_relu import BLOCK
+from .batch_norm_relu import TILE
 
 Tensor = torch.Tensor
 
@@ -19,11 +19,19 @@ def _shifted_concat(out: Tensor, first: Tensor, first_offset, second: Tensor, se
     """out's channels [0, C1) from `first`, the rest from `second`, each shifted (top, left)."""
     n, c, h, w = out.shape
     channels_last = not out.is_contiguous()
-    wrap_triton(kernels.shifted_concat_kernel)[(triton.cdiv(out.numel(), BLOCK),)](
-        out, first, second, n, c, h, w, first.shape[1],
+    if channels_last:  # (pixels of a row) x channels tiles
+        block_c = min(triton.next_power_of_2(c), 128)
+        block_r = max(1, min(TILE // block_c, triton.next_power_of_2(w)))
+        grid = (n * h, triton.cdiv(w, block_r))
+    else:  # (rows of a plane) x columns tiles
+        block_c = min(triton.next_power_of_2(w), 256)
+        block_r = max(1, min(TILE // block_c, triton.next_power_of_2(h)))
+        grid = (n * c, triton.cdiv(h, block_r))
+    wrap_triton(kernels.shifted_concat_kernel)[grid](
+        out, first, second, c, h, w, first.shape[1],
         first.shape[2], first.shape[3], *first_offset, *first.stride(),
         second.shape[2], second.shape[3], *second_offset, *second.stride(),
-        BLOCK=BLOCK, CHANNELS_LAST=channels_last)
+        BLOCK_R=block_r, BLOCK_C=block_c, CHANNELS_LAST=channels_last)
     return out
 
 

@@ -157,13 +157,16 @@ def shifted_concat_kernel(
 
 
 def _conv_configs():
-    """Tile shapes tried on a GPU (Hopper-sized tensor-core tiles); one small tile in the
-    interpreter, where timing means nothing."""
+    """Tile shapes tried on a GPU (Hopper-sized tensor-core tiles). One small tile in the
+    interpreter, where timing means nothing, and one GPU tile with UNET_FAST_TRITON_TUNE=0
+    (tests: correctness needs no tuning runs)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16})]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                  (64, 64, 32, 4, 4), (128, 128, 32, 8, 4), (64, 32, 32, 4, 3))]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+               for m, n, k, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                                     (64, 128, 64, 4, 4), (64, 64, 32, 4, 4),
+                                     (128, 128, 32, 8, 4), (64, 32, 32, 4, 3))]
+    return configs if os.environ.get("UNET_FAST_TRITON_TUNE", "1") != "0" else configs[3:4]
 
 
 CONV_MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for config in _conv_configs())

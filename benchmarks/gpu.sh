@@ -33,7 +33,7 @@ if wanted tests; then
 fi
 if wanted bench; then
   stage "benchmarks: cuda backend, eager and torch.compile"
-  timeout ${BENCH_S:-200} python3 benchmarks/gpu_targets.py --backends cuda --profile \
+  timeout ${BENCH_S:-200} python3 benchmarks/gpu_targets.py --backends cuda --profile ${BENCH_ARGS:-} \
     --json "$out/targets_cuda.json" 2>&1 | tee "$out/bench_cuda.log" | tail -150
 fi
 if wanted triton; then

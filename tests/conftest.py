@@ -7,7 +7,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # tutorial_unet, the specification fixture
 if not torch.cuda.is_available():  # prove the Triton kernels through Triton's interpreter;
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported
-os.environ.setdefault("UNET_FAST_TRITON_TUNE", "0")  # one tile shape: tests check values, not speed
+os.environ.setdefault("UNET_FAST_TRITON_TUNE", "0")
+# float32 means float32: cuDNN and cuBLAS would otherwise use TF32 in the reference's convolutions
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False  # one tile shape: tests check values, not speed
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -65,7 +68,7 @@ def training_history(model, x, steps=3, lr=0.01):
         model.train()
         outs = as_list(model(x))
         optimizer.zero_grad()
-        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).mean()
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).mean()
             for o in outs).backward()
         history.append([o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()])
         optimizer.step()

@@ -158,19 +158,39 @@ __global__ void sums_nchw_kernel(const scalar_t* __restrict__ y, const scalar_t*
   }
 }
 
-// One thread per channel: forward statistics (mean, invstd, unbiased var) and (scale, shift).
+// The finalize kernels run one warp per channel (blockDim (32, kChannelsPerBlock)): the lanes sum
+// the channel's partial sums in float64, lane 0 writes the results.
+constexpr int kChannelsPerBlock = 8;
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sums of both rows of partial (2, C, parts) for channel c, on lane 0.
+template <typename acc_t>
+__device__ __forceinline__ void combine(const acc_t* partial, int64_t C, int64_t parts, int64_t c,
+                                        double& first, double& second) {
+  first = second = 0;
+  for (int64_t p = threadIdx.x; p < parts; p += 32) {
+    first += partial[c * parts + p];
+    second += partial[(C + c) * parts + p];
+  }
+  first = warp_sum(first);
+  second = warp_sum(second);
+}
+
+// Forward statistics (mean, invstd, unbiased var) and (scale, shift).
 template <typename scalar_t, typename acc_t>
 __global__ void finalize_forward_kernel(const acc_t* __restrict__ partial, int64_t parts,
                                         const scalar_t* __restrict__ y, Layout L, double eps,
                                         const acc_t* weight, const acc_t* bias, acc_t* mean,
                                         acc_t* invstd, acc_t* var, acc_t* coef) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = blockIdx.x * int64_t(kChannelsPerBlock) + threadIdx.y;
   if (c >= L.C) return;
-  double sum = 0, squares = 0;
-  for (int64_t p = 0; p < parts; ++p) {
-    sum += partial[c * parts + p];
-    squares += partial[(L.C + c) * parts + p];
-  }
+  double sum, squares;
+  combine(partial, L.C, parts, c, sum, squares);
+  if (threadIdx.x != 0) return;
   const double count = double(L.N * L.HW), shifted_mean = sum / count;
   const double biased = max(squares / count - shifted_mean * shifted_mean, 0.0);
   mean[c] = acc_t(double(y[L.channels_last ? c : c * L.HW]) + shifted_mean);
@@ -179,19 +199,17 @@ __global__ void finalize_forward_kernel(const acc_t* __restrict__ partial, int64
   affine(mean, invstd, weight, bias, c, coef[c], coef[L.C + c]);
 }
 
-// One thread per channel: backward coefficients (scale, shift, gain, slope, offset) of
-// grad_y = m dy gain + slope y + offset, and the parameter gradients.
+// Backward coefficients (scale, shift, gain, slope, offset) of grad_y = m dy gain + slope y +
+// offset, and the parameter gradients.
 template <typename acc_t>
 __global__ void finalize_backward_kernel(const acc_t* __restrict__ partial, int64_t parts,
                                          Layout L, Stats<acc_t> stats, acc_t* coef,
                                          acc_t* grad_weight, acc_t* grad_bias) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t c = blockIdx.x * int64_t(kChannelsPerBlock) + threadIdx.y;
   if (c >= L.C) return;
-  double sum = 0, dot = 0;
-  for (int64_t p = 0; p < parts; ++p) {
-    sum += partial[c * parts + p];
-    dot += partial[(L.C + c) * parts + p];
-  }
+  double sum, dot;
+  combine(partial, L.C, parts, c, sum, dot);
+  if (threadIdx.x != 0) return;
   const double count = double(L.N * L.HW), invstd = stats.invstd[c];
   const double gain = (stats.weight ? double(stats.weight[c]) : 1.0) * invstd;
   const double slope = -gain * invstd * invstd * dot / count;
@@ -276,6 +294,8 @@ void with_vector_width(const Layout& L, std::initializer_list<const at::Tensor*>
     body.template operator()<1>();
   }
 }
+
+const dim3 kFinalizeBlock(32, kChannelsPerBlock);
 
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
@@ -374,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "batch_norm_relu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor partial = channel_sums<scalar_t, acc_t, false>(y, y, {}, L);
-    finalize_forward_kernel<scalar_t, acc_t><<<ceil_div(L.C, kThreads), kThreads, 0,
+    finalize_forward_kernel<scalar_t, acc_t><<<ceil_div(L.C, kChannelsPerBlock), kFinalizeBlock, 0,
                                                at::cuda::getCurrentCUDAStream()>>>(
         partial.const_data_ptr<acc_t>(), partial.size(2), y.const_data_ptr<scalar_t>(), L, eps,
         ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias), mean.mutable_data_ptr<acc_t>(),
@@ -409,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
     const Stats<acc_t> stats{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
                              ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias)};
     const at::Tensor partial = channel_sums<scalar_t, acc_t, true>(y, dy, stats, L);
-    finalize_backward_kernel<acc_t><<<ceil_div(L.C, kThreads), kThreads, 0,
+    finalize_backward_kernel<acc_t><<<ceil_div(L.C, kChannelsPerBlock), kFinalizeBlock, 0,
                                       at::cuda::getCurrentCUDAStream()>>>(
         partial.const_data_ptr<acc_t>(), partial.size(2), L, stats, coef.mutable_data_ptr<acc_t>(),
         grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>());

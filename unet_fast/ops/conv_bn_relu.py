@@ -173,10 +173,10 @@ def double_conv(x: Tensor, weight1, bias1, bn_weight1, bn_bias1, running_mean1, 
     x, weight1, bias1, weight2, bias2 = _autocast(x, weight1, bias1, weight2, bias2)
     check_double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
                       weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2, padding)
-    # Triton: one implicit-GEMM conv kernel per layer, BN+ReLU of layer 1 in layer 2's prologue
-    op = torch.ops.unet_fast.double_conv_triton if chosen == "triton" else torch.ops.unet_fast.double_conv
-    if chosen == "triton":
-        _backend.triton_ops().check_dtype(x)
+    op = torch.ops.unet_fast.double_conv
+    if chosen == "triton":  # one implicit-GEMM conv per layer, layer 1's BN+ReLU in layer 2's prologue
+        _backend.triton_ops().check_dtype(x)  # (first use imports the Triton ops: registers them)
+        op = torch.ops.unet_fast.double_conv_triton
     out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2 = op(
         x, weight1, bias1, bn_weight1, bn_bias1, weight2, bias2, bn_weight2, bn_bias2, eps1, eps2,
         padding)

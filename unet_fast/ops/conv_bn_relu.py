@@ -102,7 +102,11 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
     x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, padding, batch_stats)
     chosen = _backend.resolve(backend, x.device, "conv_bn_relu")
-    if chosen == "reference":
+    # Folded low-precision weights would cost the BatchNorm parameters' gradients their
+    # precision: eval mode that trains parameters keeps BatchNorm separate (any backend).
+    keep_bn = (not batch_stats and x.dtype in (torch.bfloat16, torch.float16)
+               and _needs_grad(weight, bias, bn_weight, bn_bias))
+    if chosen == "reference" or keep_bn:
         return reference.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean,
                                       running_var, batch_stats, momentum, eps, padding)
     if chosen == "triton":
@@ -113,11 +117,6 @@ def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: O
                                                                 bn_bias, eps, padding)
         update_running_stats(running_mean, running_var, mean, var, momentum, y[:, 0].numel())
         return out
-    if x.dtype in (torch.bfloat16, torch.float16) and _needs_grad(weight, bias, bn_weight, bn_bias):
-        # Folded low-precision weights would cost the BatchNorm parameters' gradients their
-        # precision: eval mode that trains parameters keeps BatchNorm separate.
-        return reference.conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean,
-                                      running_var, False, momentum, eps, padding)
     w, b = fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
     return torch.ops.unet_fast.conv_bias_relu(x, w, b, padding)
 

@@ -5,6 +5,7 @@ import pytest
 import tifffile
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Subset
 
 from unet_fast.augment import GREY_MEAN, GREY_STD, IMAGENET_MEAN, normalize, train_transforms, \
     val_transforms
@@ -258,3 +259,17 @@ def test_dataset_with_train_transforms():
     raw, _ = SyntheticCells(2, 64).load(0)
     assert image.min() < -1.0 < 0 <= raw.min()  # normalised: dark membrane well below 0
     assert abs(image[mask == 1].mean() - image[mask == 0].mean()) > 1.0  # still aligned
+
+
+def test_dataloader_workers_draw_different_reproducible_augmentations():
+    data = Subset(SyntheticCells(1, 48, transform=train_transforms(32, 1)), [0] * 4)
+
+    def epoch():
+        loader = DataLoader(data, batch_size=1, num_workers=2)
+        return [image.sum().item() for image, _ in loader]
+
+    torch.manual_seed(0)
+    first, second = epoch(), epoch()
+    assert len(set(first)) == 4 and len(set(first + second)) == 8  # per worker and per epoch
+    torch.manual_seed(0)
+    assert epoch() == first  # torch.manual_seed decides the augmentations

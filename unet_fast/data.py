@@ -13,7 +13,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from .synthetic import cell_sample
 
@@ -158,6 +158,40 @@ def _sample_tensors(image: np.ndarray, mask: np.ndarray, transform: Callable | N
     return image.float().contiguous(), mask
 
 
+class _SegmentationData(Dataset):
+    """What both data sets share: the task's shape and how a sample becomes tensors."""
+
+    transform: Callable | None = None
+    binary: bool = True
+    num_classes: int = 2
+    _worker_seed: int | None = None
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of a model's logits for this task: 1 for binary, else the class count."""
+        return 1 if self.binary else self.num_classes
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _seed_transform_in_worker(self) -> None:
+        """albumentations' Compose keeps its own generator, which DataLoader workers inherit
+        unchanged: every worker, in every epoch, would draw the same augmentations. Each worker
+        reseeds it from its torch seed, which differs per worker and epoch and follows
+        torch.manual_seed. In the main process seed it yourself: transform.set_random_seed."""
+        info = get_worker_info()
+        if info is None or info.seed == self._worker_seed:
+            return
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(info.seed % 2 ** 32)
+        self._worker_seed = info.seed
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load(index)
+        self._seed_transform_in_worker()
+        return _sample_tensors(image, mask, self.transform, self.binary)
+
+
 class Sample(NamedTuple):
     name: str  # the file stem, with "#page" for a page of a TIFF stack
     image: Path
@@ -211,7 +245,7 @@ def _check_size(sample: Sample, image_size, mask_size) -> None:
                          f"({sample.image} and {sample.mask})")
 
 
-class SegmentationFolder(Dataset):
+class SegmentationFolder(_SegmentationData):
     """Images in one folder, masks in another, paired by file stem (`mask_suffix` allows
     "01.png" ↔ "01_mask.png"). PNG and TIFF; every page of a multi-page TIFF is one sample.
 
@@ -255,11 +289,6 @@ class SegmentationFolder(Dataset):
             _check_size(sample, _size(sample.image, sample.page), _size(sample.mask, sample.page))
         self.samples = samples
 
-    @property
-    def out_channels(self) -> int:
-        """Channels of a model's logits for this task: 1 for binary, else the class count."""
-        return 1 if self.binary else self.num_classes
-
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -275,10 +304,6 @@ class SegmentationFolder(Dataset):
         """Read every sample once, raising the first problem (unexpected mask values, ...)."""
         for index in range(len(self)):
             self.load(index)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.load(index)
-        return _sample_tensors(image, mask, self.transform, self.binary)
 
 
 def find_image_mask_folders(root) -> tuple[Path, Path]:
@@ -318,7 +343,7 @@ def isbi2012(root, split: str = "train", **options) -> SegmentationFolder:
     return SegmentationFolder(image_dir, mask_dir, foreground=0, indices=indices[split], **options)
 
 
-class SyntheticCells(Dataset):
+class SyntheticCells(_SegmentationData):
     """Generated cell-like images with known masks, so training runs without any data: tightly
     packed cells with wavy dark membranes (a Voronoi tessellation under a smooth warp), some
     with a dark organelle, blurred and noisy. Sample `i` depends only on (seed, i).
@@ -340,10 +365,6 @@ class SyntheticCells(Dataset):
         self.num_classes = 3 if multiclass else 2
         self.ignore_index = None
 
-    @property
-    def out_channels(self) -> int:
-        return 1 if self.binary else self.num_classes
-
     def __len__(self) -> int:
         return self.length
 
@@ -355,7 +376,3 @@ class SyntheticCells(Dataset):
         image, classes = cell_sample(rng, self.size, self.cell_size, self.noise)
         mask = classes if self.multiclass else (classes == 1).astype(np.int32)
         return np.repeat(image[..., None], self.channels, axis=-1), mask
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.load(index)
-        return _sample_tensors(image, mask, self.transform, self.binary)

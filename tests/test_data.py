@@ -44,6 +44,10 @@ def test_pairs_by_stem_binary_default_and_foreground(tmp_path):
     assert torch.equal(flipped, 1 - mask)  # ISBI: black (membrane) is the positive class
     _, mapped = SegmentationFolder(images, masks, classes={0: 1, 255: 0})[1]
     assert torch.equal(mapped, flipped)
+    for path in sorted(masks.iterdir()):
+        path.rename(masks / f"{path.stem}_mask.png")
+    suffixed = SegmentationFolder(images, masks, mask_suffix="_mask")
+    assert suffixed.samples[1].mask.name == "b_mask.png" and torch.equal(suffixed[1][1], mask)
 
 
 def test_multiclass_mapping_ignore_index_and_subset(tmp_path):

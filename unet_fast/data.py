@@ -50,27 +50,17 @@ def _read_raw(path: Path, page: int = 0) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("="))  # big-endian 16-bit PNGs
 
 
-def _size(path: Path, page: int) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
+def _page_sizes(path: Path) -> list[tuple[int, int]]:
+    """(H, W) of every page (one for PNG) from the file header, without decoding pixels."""
     if _is_tiff(path):
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            p = tif.pages[page]
-            return p.imagelength, p.imagewidth
+            return [(page.imagelength, page.imagewidth) for page in tif.pages]
     from PIL import Image
 
     with Image.open(path) as image:
-        return image.height, image.width
-
-
-def _page_count(path: Path) -> int:
-    if not _is_tiff(path):
-        return 1
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        return len(tif.pages)
+        return [(image.height, image.width)]
 
 
 def read_image(path, page: int = 0, channels: int | None = None) -> np.ndarray:
@@ -214,6 +204,13 @@ def _files(folder: Path, what: str) -> dict[str, Path]:
     return found
 
 
+def _check_size(sample: Sample, image_size, mask_size) -> None:
+    if tuple(image_size) != tuple(mask_size):
+        raise ValueError(f"{sample.name}: mask size {mask_size[0]}x{mask_size[1]} does not match "
+                         f"image size {image_size[0]}x{image_size[1]} (HxW) "
+                         f"({sample.image} and {sample.mask})")
+
+
 def _pair(image_dir: Path, mask_dir: Path, mask_suffix: str) -> list[Sample]:
     images, masks = _files(image_dir, "image"), _files(mask_dir, "mask")
     lonely_images = [images[s].name for s in images if s + mask_suffix not in masks]
@@ -229,20 +226,15 @@ def _pair(image_dir: Path, mask_dir: Path, mask_suffix: str) -> list[Sample]:
     samples = []
     for stem, image in images.items():
         mask = masks[stem + mask_suffix]
-        pages, mask_pages = _page_count(image), _page_count(mask)
-        if pages != mask_pages:
-            raise ValueError(f"{image.name}: {pages} pages but its mask {mask.name} has "
-                             f"{mask_pages}")
-        for page in range(pages):
-            samples.append(Sample(stem if pages == 1 else f"{stem}#{page}", image, mask, page))
+        sizes, mask_sizes = _page_sizes(image), _page_sizes(mask)
+        if len(sizes) != len(mask_sizes):
+            raise ValueError(f"{image.name}: {len(sizes)} pages but its mask {mask.name} has "
+                             f"{len(mask_sizes)}")
+        for page, (size, mask_size) in enumerate(zip(sizes, mask_sizes)):
+            sample = Sample(stem if len(sizes) == 1 else f"{stem}#{page}", image, mask, page)
+            _check_size(sample, size, mask_size)
+            samples.append(sample)
     return samples
-
-
-def _check_size(sample: Sample, image_size, mask_size) -> None:
-    if tuple(image_size) != tuple(mask_size):
-        raise ValueError(f"{sample.name}: mask size {mask_size[0]}x{mask_size[1]} does not match "
-                         f"image size {image_size[0]}x{image_size[1]} (HxW) "
-                         f"({sample.image} and {sample.mask})")
 
 
 class SegmentationFolder(_SegmentationData):
@@ -285,8 +277,6 @@ class SegmentationFolder(_SegmentationData):
                 raise ValueError(f"sample indices {bad} out of range: {self.image_dir} holds "
                                  f"{len(samples)} samples")
             samples = [samples[i] for i in indices]
-        for sample in samples:
-            _check_size(sample, _size(sample.image, sample.page), _size(sample.mask, sample.page))
         self.samples = samples
 
     def __len__(self) -> int:

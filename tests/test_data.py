@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from unet_fast.augment import GREY_MEAN, GREY_STD, IMAGENET_MEAN, normalize, train_transforms, \
+from unet_fast.train.augment import GREY_MEAN, GREY_STD, IMAGENET_MEAN, normalize, train_transforms, \
     val_transforms
-from unet_fast.data import SegmentationFolder, SyntheticCells, default_isbi_root, \
+from unet_fast.train.data import SegmentationFolder, SyntheticCells, default_isbi_root, \
     find_image_mask_folders, isbi2012, read_image
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unet_fast import losses, metrics
+from unet_fast.train import losses, metrics
 
 LN2, LN3 = math.log(2), math.log(3)
 

@@ -313,9 +313,10 @@ def find_image_mask_folders(root) -> tuple[Path, Path]:
 
 def default_isbi_root() -> Path | None:
     """The ISBI 2012 data if present: $UNET_FAST_ISBI, else ../shared/data/isbi2012 beside the
-    repository (where the project keeps it; it is not redistributed)."""
-    candidates = [os.environ.get("UNET_FAST_ISBI"),
-                  Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "isbi2012"]
+    repository or the working directory (where the project keeps it; it is not redistributed)."""
+    beside = Path("..") / "shared" / "data" / "isbi2012"
+    candidates = [os.environ.get("UNET_FAST_ISBI"), Path(__file__).resolve().parents[2] / beside,
+                  Path.cwd() / beside]
     for candidate in candidates:
         if candidate and (Path(candidate) / "train" / "image").is_dir():
             return Path(candidate).resolve()

@@ -1,4 +1,6 @@
 """unet_fast.UNet: the tutorial's U-Net on the fused ops, a drop-in for the reference UNet."""
+import inspect
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -9,7 +11,15 @@ from .geometry import check_input
 
 
 class FusedModel:
-    """What every unet_fast model shares: fused Conv-BN-ReLU runs, channels_last on the CPU."""
+    """What every unet_fast model shares: fused Conv-BN-ReLU runs, channels_last on the CPU, and
+    `init_kwargs`, the constructor's arguments (checkpoints rebuild the model from them)."""
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        self.init_kwargs = dict(list(bound.arguments.items())[1:])
+        return self
 
     def finish(self):
         """Fuses every Conv -> BN -> ReLU run and keeps 4-D weights channels_last (so their

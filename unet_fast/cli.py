@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="PATH", help="also draw images/s as a bar chart (PNG)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("backends", help="what was built and which backend each device uses")
+    t = sub.add_parser("train", help="train a model (python -m unet_fast.train under torchrun)")
+    from .train import main as train_main
+    train_main.add_arguments(t)
     return p
 
 
@@ -43,11 +46,15 @@ def main(argv=None) -> int:
             if args.rounds < 1:
                 raise ValueError("--rounds must be at least 1")
             bench.main(args)
+        elif args.command == "train":
+            from .train import main as train_main
+            train_main.main(args)
         else:
             from . import backends
             for key, value in backends().items():
                 print(f"{key:10} {value}")
-    except (ValueError, RuntimeError, NotImplementedError) as error:
+    except (ValueError, RuntimeError, NotImplementedError, FileNotFoundError,
+            FloatingPointError) as error:
         print(f"unet-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import _backend, ops
 from ..ops import recompute
+from .sync_batch_norm import sync_batch_norm_relu
 
 
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -80,9 +81,14 @@ class FoldedWeights:
         return {"key": None, "value": None}
 
 
-def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights):
-    """One Conv -> BN -> ReLU through the fused ops, as nn.Sequential(conv, bn, relu) would."""
+def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights, sync_group=None):
+    """One Conv -> BN -> ReLU through the fused ops, as nn.Sequential(conv, bn, relu) would;
+    with a sync_group (see convert_sync_batchnorm), training statistics span its processes."""
     batch_stats, running_mean, running_var, momentum = batch_norm_mode(bn)
+    if sync_group is not None and bn.training and torch.distributed.is_initialized():
+        y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
+        return sync_batch_norm_relu(y, bn.weight, bn.bias, bn.eps, running_mean, running_var,
+                                    momentum, sync_group)
     params = (conv.weight, conv.bias, bn.weight, bn.bias)
     if batch_stats or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or (
             torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
@@ -132,7 +138,7 @@ class FusedSequential(nn.Sequential):
         while i < len(children):
             if i in self.folded:
                 x = conv_bn_relu_forward(x, children[i], children[i + 1], self.backend,
-                                         self.folded[i])
+                                         self.folded[i], getattr(self, "sync_group", None))
                 i += 3
             else:
                 x = children[i](x)
@@ -178,7 +184,8 @@ class FusedDoubleConv(FusedSequential):
         return self.forward_recipe(x)[0]
 
     def fused_training(self, x) -> bool:
-        return (self[1].training and self[4].training
+        """Whether training runs the double-conv op (synchronised BatchNorm runs per layer)."""
+        return (self[1].training and self[4].training and getattr(self, "sync_group", None) is None
                 and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference")
 
     def forward_recipe(self, x):

@@ -1,0 +1,171 @@
+"""The training loop: resuming, atomic checkpoints, bad input, and distributed training with
+synchronised fused BatchNorm (two gloo processes on the CPU)."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import unet_fast
+from unet_fast import cli
+from unet_fast.train import checkpoint
+from unet_fast.train.augment import train_transforms, val_transforms
+from unet_fast.train.data import SyntheticCells
+from unet_fast.train.fit import TrainConfig, fit
+
+ROOT = Path(__file__).parents[1]
+
+
+def tiny_run(out, epochs, resume=False):
+    torch.manual_seed(0)
+    model = unet_fast.UNet(1, 1, base_features=4)
+    train = SyntheticCells(8, 48, seed=1, transform=train_transforms(32, 1))
+    val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
+    config = TrainConfig(out=str(out), epochs=epochs, batch_size=4, resume=resume, progress=False)
+    history = fit(model, train, val, config, {"channels": 1})
+    return model, history
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
+    straight, history = tiny_run(tmp_path / "straight", 3)
+    tiny_run(tmp_path / "resumed", 1)
+    resumed, resumed_history = tiny_run(tmp_path / "resumed", 3, resume=True)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert drop(resumed_history) == drop(history) and len(history) == 3
+    log = (tmp_path / "resumed" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,train_loss") and len(log) == 4  # one row per epoch
+    saved = checkpoint.load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert saved["epoch"] == 3 and saved["model"]["class"] == "UNet"
+    assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0
+    model, _ = checkpoint.load_model(tmp_path / "resumed" / "best.pt")
+    assert model.init_kwargs["base_features"] == 4
+
+
+KILLED_WHILE_SAVING = textwrap.dedent("""
+    import sys, time, torch
+    from unet_fast.train import checkpoint
+    path = sys.argv[1]
+    checkpoint.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, path)
+    real_save = torch.save
+    def slow_save(obj, file):  # writes part of the file, then hangs until killed
+        file.write(b"PK" + b"x" * 100000)
+        file.flush()
+        print("writing", flush=True)
+        time.sleep(60)
+    torch.save = slow_save
+    checkpoint.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+""")
+
+
+def test_a_run_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_SAVING, str(path)],
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    state = checkpoint.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(1000))
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "text.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a unet_fast training checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load_checkpoint(tmp_path / "missing.pt")
+
+
+def train_cli(capsys, *args):
+    code = cli.main(["train", "--base-features", "4", "--crop", "32", "--epochs", "1",
+                     "--quiet", *args])
+    return code, capsys.readouterr().err
+
+
+def test_train_command_bad_input_is_one_line_and_keeps_what_was_saved(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    code, err = train_cli(capsys, "--data", str(empty), "--out", str(tmp_path / "run"))
+    assert code == 2 and "holds no PNG or TIFF files" in err, err
+    code, err = train_cli(capsys, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    assert code == 2 and "missing" in err and len(err.strip().splitlines()) == 1, err
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    code, err = train_cli(capsys, "--out", str(blocked / "run"))
+    assert code == 2 and "cannot write to output folder" in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"precious")
+    code, err = train_cli(capsys, "--out", str(run))
+    assert code == 2 and "--resume" in err and (run / "last.pt").read_bytes() == b"precious"
+    code, err = train_cli(capsys, "--out", str(run), "--resume")
+    assert code == 2 and "not a readable checkpoint" in err
+    assert (run / "last.pt").read_bytes() == b"precious"
+
+
+def _one_step(rank, world, init_file, state, x, target, result):
+    """One SGD step of DDP with synchronised BatchNorm on this rank's share of the batch."""
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        model = unet_fast.UNet(1, 1, base_features=4, bilinear=False)
+        model.load_state_dict(state)
+        unet_fast.nn.convert_sync_batchnorm(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(ddp(x[share]), target[share])
+        loss.backward()
+        optimizer.step()
+        if rank == 0:
+            torch.save(model.state_dict(), result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_with_sync_bn_match_one_process_on_the_whole_batch(tmp_path):
+    """Parameters and running statistics after a step equal those of one process training on
+    the whole batch with plain BatchNorm."""
+    torch.manual_seed(0)
+    reference = unet_fast.reference.UNet(1, 1, base_features=4, bilinear=False)
+    x, target = torch.randn(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    mp.spawn(_one_step, args=(2, tmp_path / "init", state, x, target, tmp_path / "result.pt"),
+             nprocs=2)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.nn.functional.binary_cross_entropy_with_logits(reference(x), target).backward()
+    optimizer.step()
+    synced = torch.load(tmp_path / "result.pt")
+    for key, value in reference.state_dict().items():
+        scale = max(value.abs().max().item(), 1.0) if value.is_floating_point() else 1.0
+        torch.testing.assert_close(synced[key], value, rtol=1e-4, atol=1e-5 * scale, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_torchrun_trains_with_sync_bn(tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "unet_fast.train",
+         "--sync-bn", "--base-features", "4", "--crop", "32", "--epochs", "1",
+         "--epoch-samples", "8", "--out", str(tmp_path / "run"), "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "epoch 1:" in result.stdout
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1

@@ -1,0 +1,108 @@
+"""`unet-fast train` and `python -m unet_fast.train` (the same arguments; under torchrun every
+process runs it): data sets from the command line, the model, then `fit`."""
+import argparse
+import dataclasses
+
+from .. import models
+from .fit import LOSSES, PRECISIONS, TrainConfig, fit
+
+MODELS = {"unet": models.unet.UNet, "attention_unet": models.variants.AttentionUNet,
+          "resunet": models.variants.ResUNet, "unet++": models.variants.UNetPlusPlus}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR",
+                      help="image and mask folders (DIR/train/image + DIR/train/label as ISBI "
+                           "2012, or DIR/images + DIR/masks); default: generated cells")
+    data.add_argument("--val-count", type=int, metavar="N",
+                      help="the last N samples validate (slices are correlated, so the split is "
+                           "contiguous); default 15%% of the samples, 4 of ISBI's 24")
+    data.add_argument("--foreground", type=int, metavar="VALUE",
+                      help="binary masks: the stored value of the positive class (ISBI 2012: 0, "
+                           "the membranes); default: non-zero")
+    data.add_argument("--crop", type=int, default=256, help="training crop size")
+    data.add_argument("--epoch-samples", type=int, help="training samples per epoch")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="unet", choices=sorted(MODELS))
+    model.add_argument("--base-features", type=int, default=32)
+    model.add_argument("--bilinear", action=argparse.BooleanOptionalAction, default=False,
+                       help="bilinear upsampling instead of transposed convolutions (UNet)")
+    model.add_argument("--backend", default="auto")
+    run = p.add_argument_group("training")
+    defaults = TrainConfig()
+    run.add_argument("--out", default=defaults.out, help="output folder")
+    run.add_argument("--epochs", type=int, default=defaults.epochs)
+    run.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    run.add_argument("--lr", type=float, default=defaults.lr)
+    run.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    run.add_argument("--loss", choices=sorted(LOSSES), help="default: bce_dice (binary), ce")
+    run.add_argument("--pos-weight", type=float, help="BCE weight of positive pixels")
+    run.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument("--lr-patience", type=int, default=defaults.lr_patience)
+    run.add_argument("--patience", type=int, default=defaults.patience,
+                     help="early stopping after this many epochs without a better Dice")
+    run.add_argument("--time-limit", type=float, metavar="MINUTES",
+                     help="start no epoch after this many minutes")
+    run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--device", default="auto")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="distributed: BatchNorm statistics across all processes")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def datasets(args):
+    """(train set, validation set, what the checkpoint records about the data)."""
+    from .augment import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, train_transforms, \
+        val_transforms
+    from .data import SegmentationFolder, SyntheticCells, find_image_mask_folders, read_image
+    if args.data is None:
+        channels = 1
+        train = SyntheticCells(64, 192, seed=args.seed, transform=train_transforms(args.crop, 1))
+        val = SyntheticCells(16, 192, seed=args.seed + 1, transform=val_transforms(1))
+        values = {"foreground_value": 255, "class_values": [0, 255]}
+    else:
+        image_dir, mask_dir = find_image_mask_folders(args.data)
+        options = {"foreground": args.foreground}
+        everything = SegmentationFolder(image_dir, mask_dir, **options)
+        count = len(everything)
+        val_count = args.val_count or max(1, round(0.15 * count))
+        if not 0 < val_count < count:
+            raise ValueError(f"{count} samples in {image_dir} cannot leave {val_count} for "
+                             "validation and some for training")
+        channels = read_image(everything.samples[0].image, everything.samples[0].page).shape[2]
+        train = SegmentationFolder(image_dir, mask_dir, indices=range(count - val_count),
+                                   transform=train_transforms(args.crop, channels), **options)
+        val = SegmentationFolder(image_dir, mask_dir, indices=range(count - val_count, count),
+                                 transform=val_transforms(channels), **options)
+        for part in (train, val):  # unexpected mask values fail now, not in epoch 7
+            part.validate()
+        by_class = {}
+        for value, index in sorted(everything.classes.items(), reverse=True):
+            by_class[index] = value
+        values = {"foreground_value": by_class.get(1, 255),
+                  "class_values": [by_class.get(k, k) for k in range(everything.num_classes)]}
+    mean, std = (GREY_MEAN, GREY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    info = {"channels": channels, "mean": list(mean), "std": list(std), "binary": train.binary,
+            "num_classes": train.num_classes, "threshold": 0.5,
+            "ignore_index": getattr(train, "ignore_index", None), **values}
+    return train, val, info
+
+
+def build_model(args, in_channels: int, out_channels: int):
+    kwargs = {"base_features": args.base_features, "backend": args.backend}
+    if args.model in ("unet", "attention_unet", "resunet"):
+        kwargs["bilinear"] = args.bilinear
+    return MODELS[args.model](in_channels, out_channels, **kwargs)
+
+
+def main(args) -> list:
+    train, val, info = datasets(args)
+    model = build_model(args, info["channels"], train.out_channels)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                         progress=not args.quiet)
+    return fit(model, train, val, config, info)

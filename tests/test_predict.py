@@ -1,11 +1,17 @@
 """Overlap-tile prediction: one tile is exactly a plain forward pass, many tiles agree with the
-whole-image pass."""
+whole-image pass, and `predict_files` writes masks and overlays in the training masks' values,
+with every bad input refused before anything is written."""
 import numpy as np
 import pytest
+import tifffile
 import torch
+from PIL import Image
 
 import unet_fast
-from unet_fast.train.predict import predict_tiled
+from unet_fast import cli
+from unet_fast.train import predict
+from unet_fast.train.checkpoint import CheckpointError, model_spec, save_checkpoint
+from unet_fast.train.predict import predict_files, predict_tiled
 
 
 def forward(model, image):
@@ -85,3 +91,165 @@ def test_tiling_arguments_are_checked(kwargs, message):
         predict_tiled(model, torch.randn(1, 100, 100), **kwargs)
     with pytest.raises(ValueError, match="expects 1 channels, the image has 3"):
         predict_tiled(model, torch.randn(3, 100, 100))
+
+
+# ----------------------------------------------------------------------------- files
+
+MEAN, STD = 0.3, 0.2
+
+
+def save_model(tmp_path, model, data, name="model.pt"):
+    return save_checkpoint({"model": model_spec(model), "state_dict": model.state_dict(),
+                            "data": data}, tmp_path / name)
+
+
+def binary_checkpoint(tmp_path, image):
+    """A 1-channel binary model whose output bias puts the threshold at the median logit of
+    `image`, so both classes appear; membrane (stored 0) is the positive class, as in ISBI."""
+    model = unet_fast.UNet(1, 1, base_features=4).eval()
+    logits = predict_tiled(model, (torch.from_numpy(image)[None] - MEAN) / STD, tile=64)
+    with torch.no_grad():
+        model.outc.bias -= logits.median()
+    data = {"channels": 1, "mean": [MEAN], "std": [STD], "binary": True, "num_classes": 2,
+            "threshold": 0.5, "foreground_value": 0, "class_values": [255, 0]}
+    return save_model(tmp_path, model, data), model
+
+
+def grey(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_binary_masks_hold_the_training_values_and_overlays_colour_the_foreground(tmp_path):
+    pixels = grey((50, 70))
+    Image.fromarray(pixels).save(tmp_path / "slice.png")
+    path, model = binary_checkpoint(tmp_path, pixels.astype(np.float32) / 255)
+    out = tmp_path / "out"
+    written = predict_files(path, [tmp_path / "slice.png"], out, tile=32, overlap=16)
+    assert written == [out / "slice_mask.png", out / "slice_overlay.png"]
+
+    image = torch.from_numpy(pixels.astype(np.float32) / 255)[None]
+    logits = predict_tiled(model, (image - MEAN) / STD, tile=32, overlap=16)
+    positive = (torch.sigmoid(logits[0]) > 0.5).numpy()
+    mask = np.asarray(Image.open(written[0]))
+    assert mask.dtype == np.uint8 and mask.shape == (50, 70)
+    np.testing.assert_array_equal(mask, np.where(positive, 0, 255))
+    assert 0.2 < positive.mean() < 0.8
+
+    overlay = np.asarray(Image.open(written[1]))
+    assert overlay.shape == (50, 70, 3)
+    np.testing.assert_array_equal(overlay[~positive], np.repeat(pixels[~positive, None], 3, -1))
+    blue = np.array([31, 119, 180])  # tab10's first colour marks class 1
+    want = np.rint(0.55 * pixels[positive, None] + 0.45 * blue).astype(np.uint8)
+    np.testing.assert_allclose(overlay[positive], want, atol=1)
+
+
+def test_multiclass_rgb_and_tiff_stack_pages(tmp_path):
+    model = unet_fast.UNet(3, 3, base_features=4).eval()
+    data = {"channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "binary": False,
+            "num_classes": 3, "threshold": 0.5, "foreground_value": 1, "class_values": [0, 7, 9]}
+    mean, std = np.array(data["mean"], np.float32), np.array(data["std"], np.float32)
+    normalised = lambda image: torch.from_numpy(  # noqa: E731
+        ((image - mean) / std).astype(np.float32).transpose(2, 0, 1))
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    with torch.no_grad():  # centre every class's logits, so that all three classes appear
+        model.outc.bias -= predict_tiled(model, normalised(rgb / np.float32(255))).median(2)[0] \
+            .median(1)[0]
+    path = save_model(tmp_path, model, data)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(rgb).save(inputs / "b.png")
+    stack = np.random.default_rng(2).integers(0, 65536, (2, 30, 20), dtype=np.uint16)
+    tifffile.imwrite(inputs / "a.tif", stack)  # grey pages: read as RGB, as training does
+    (inputs / "notes.txt").write_text("not an image")
+    Image.fromarray(rgb).save(inputs / ".hidden.png")
+
+    written = predict_files(path, [inputs], tmp_path / "out", tile=32, overlap=8)
+    assert [p.name for p in written] == ["a_p0_mask.png", "a_p0_overlay.png", "a_p1_mask.png",
+                                         "a_p1_overlay.png", "b_mask.png", "b_overlay.png"]
+    for image, mask_path in [(np.repeat(stack[1, ..., None], 3, -1) / np.float32(65535),
+                              written[2]), (rgb / np.float32(255), written[4])]:
+        logits = predict_tiled(model, normalised(image), tile=32, overlap=8)
+        want = np.array([0, 7, 9])[logits.argmax(0).numpy()]
+        mask = np.asarray(Image.open(mask_path))
+        np.testing.assert_array_equal(mask, want)
+        assert set(np.unique(mask)) <= {0, 7, 9} and len(np.unique(mask)) >= 2
+    assert np.asarray(Image.open(written[5])).shape == (40, 36, 3)
+
+
+@pytest.fixture
+def good(tmp_path):
+    """(checkpoint, a folder with one good image, the output folder with an unrelated file)."""
+    pixels = grey((24, 24))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(pixels).save(folder / "a.png")
+    path, _ = binary_checkpoint(tmp_path, pixels.astype(np.float32) / 255)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    return path, folder, out
+
+
+def test_bad_input_is_refused_before_anything_is_written(good, tmp_path):
+    path, folder, out = good
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not really")
+    tifffile.imwrite(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8),
+                     photometric="minisblack", planarconfig="contig")
+    Image.fromarray(grey((8, 8))).save(tmp_path / "a.tif")
+    cases = [
+        ([folder, tmp_path / "missing.png"], FileNotFoundError, "missing.png does not exist"),
+        ([tmp_path / "empty"], ValueError, "holds no PNG or TIFF images"),
+        ([folder, tmp_path / "broken.png"], ValueError, "broken.png is not a readable image"),
+        ([folder, tmp_path / "broken.tif"], ValueError, "broken.tif is not a readable image"),
+        ([folder, tmp_path / "five.tif"], ValueError, "cannot convert a 5-channel image to 1"),
+        ([folder, tmp_path / "a.tif"], ValueError, "would both write a_mask.png"),
+    ]
+    for inputs, error, message in cases:
+        with pytest.raises(error, match=message):
+            predict_files(path, inputs, out)
+    Image.fromarray(grey((8, 8))).save(folder / "a_mask.png")  # an input, not an output
+    with pytest.raises(ValueError, match="a_mask.png would replace an input image"):
+        predict_files(path, [folder], folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "a_mask.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_output_folder_and_checkpoint_errors(good, tmp_path):
+    path, folder, out = good
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        predict_files(path, [folder], out / "keep.txt")
+    with pytest.raises(ValueError, match="is not writable"):
+        predict_files(path, [folder], out / "keep.txt" / "sub")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA GPU is available"):
+        predict_files(path, [folder], out, device="cuda")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint"):
+        predict_files(broken, [folder], out)
+    model = unet_fast.UNet(1, 1, base_features=4)
+    with pytest.raises(CheckpointError, match="records no 'data' entry"):
+        predict_files(save_model(tmp_path, model, None, "bare.pt"), [folder], out)
+    multi = {"channels": 1, "mean": [0.5], "std": [0.2], "binary": False, "num_classes": 3,
+             "threshold": 0.5, "class_values": [0, 1, 2]}
+    with pytest.raises(CheckpointError, match="the model has 1 outputs"):
+        predict_files(save_model(tmp_path, model, multi, "odd.pt"), [folder], out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_command_line_writes_outputs_and_reports_one_line_errors(good, capsys):
+    path, folder, out = good
+    parser = cli.Parser(prog="unet-fast predict")
+    predict.add_arguments(parser)
+    args = parser.parse_args([str(path), str(folder), "--out", str(out), "--tile", "32",
+                              "--overlap", "8", "--batch-size", "2", "--device", "cpu",
+                              "--quiet"])
+    assert predict.main(args) == [out / "a_mask.png", out / "a_overlay.png"]
+    assert "wrote 1 masks and overlays" in capsys.readouterr().out
+    args = parser.parse_args([str(path), str(folder / "nope.png"), "--out", str(out)])
+    with pytest.raises(ValueError, match="nope.png does not exist"):
+        predict.main(args)

@@ -169,3 +169,16 @@ def test_bfloat16_model_within_the_rule(training):
         out.double().square().mean().backward()
         results.append([out] + [p.grad for p in model.parameters()])
     assert_bf16_within_rule(*results)
+
+
+def test_one_channel_input_runs_channels_last_inside():
+    """With one channel, NCHW strides already count as channels_last contiguous; the model must
+    still run its layers channels_last on the CPU (else every convolution reorders weights)."""
+    model = unet_fast.UNet(1, 1, base_features=4).eval()
+    formats = []
+    model.inc.register_forward_hook(
+        lambda module, inputs, output: formats.append(torch._prims_common.suggest_memory_format(output)))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+    assert formats == [torch.channels_last] and out.is_contiguous()

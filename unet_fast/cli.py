@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (python -m unet_fast.train under torchrun)")
     from .train import main as train_main
     train_main.add_arguments(t)
+    from .train import predict
+    predict.add_arguments(sub.add_parser(
+        "predict", help="segment images with a trained checkpoint (overlap-tile)"))
     return p
 
 
@@ -49,6 +52,9 @@ def main(argv=None) -> int:
         elif args.command == "train":
             from .train import main as train_main
             train_main.main(args)
+        elif args.command == "predict":
+            from .train import predict
+            predict.main(args)
         else:
             from . import backends
             for key, value in backends().items():

@@ -30,9 +30,12 @@ class FusedModel:
     def layout(self, x):
         """(x in the layout the network runs in, the memory format to return)."""
         fmt = torch._prims_common.suggest_memory_format(x)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and _backend.resolve(
-                self.backend, x.device, "conv_bn_relu") != "reference":
-            x = x.contiguous(memory_format=torch.channels_last)
+        if (x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and fmt != torch.channels_last
+                and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference"):
+            # a copy, not .contiguous(): with one channel NCHW is already "channels_last
+            # contiguous", keeps its NCHW strides, and every layer would then run in NCHW
+            x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
         return x, fmt
 
 

@@ -32,8 +32,8 @@ def _apply(y, weight, bias, mean, invstd):
 
 
 class SyncBatchNormReLU(torch.autograd.Function):
-    """relu(batch_norm(y)) with the batch statistics of every process in `group`.
-    Returns (out, mean, unbiased var, global count) in float64 for the running statistics."""
+    """relu(batch_norm(y)) with the batch statistics of every process in `group`: (out, mean,
+    unbiased var), the statistics in float64 for the running averages."""
 
     @staticmethod
     def forward(ctx, y, weight, bias, eps, group):

@@ -22,6 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="binary masks: the stored value of the positive class (ISBI 2012: 0, "
                            "the membranes); default: non-zero")
     data.add_argument("--crop", type=int, default=256, help="training crop size")
+    data.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"),
+                      help="area of the crop taken before resizing it to --crop, as a fraction "
+                           "of the image (the tutorial's 0.5 1.0; (crop/size)^2 keeps the "
+                           "native resolution)")
+    data.add_argument("--elastic-p", type=float, default=0.3,
+                      help="probability of the elastic deformation (the tutorial's 0.3)")
+    data.add_argument("--intensity-p", type=float, default=0.5,
+                      help="probability of one of brightness/contrast, noise, blur (0.5)")
     data.add_argument("--epoch-samples", type=int, help="training samples per epoch")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="unet", choices=sorted(MODELS))
@@ -59,10 +67,14 @@ def datasets(args):
     from .augment import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, train_transforms, \
         val_transforms
     from .data import SegmentationFolder, SyntheticCells, find_image_mask_folders, read_image
+
+    def augment(channels):
+        return train_transforms(args.crop, channels, scale=args.crop_scale,
+                                elastic_p=args.elastic_p, intensity_p=args.intensity_p)
     if args.data is None:
         channels = 1
-        train = SyntheticCells(64, 192, seed=args.seed, transform=train_transforms(args.crop, 1))
-        val = SyntheticCells(16, 192, seed=args.seed + 1, transform=val_transforms(1))
+        train = SyntheticCells(64, args.crop, seed=args.seed, transform=augment(1))
+        val = SyntheticCells(16, args.crop, seed=args.seed + 1, transform=val_transforms(1))
         values = {"foreground_value": 255, "class_values": [0, 255]}
     else:
         image_dir, mask_dir = find_image_mask_folders(args.data)
@@ -75,7 +87,7 @@ def datasets(args):
                              "validation and some for training")
         channels = read_image(everything.samples[0].image, everything.samples[0].page).shape[2]
         train = SegmentationFolder(image_dir, mask_dir, indices=range(count - val_count),
-                                   transform=train_transforms(args.crop, channels), **options)
+                                   transform=augment(channels), **options)
         val = SegmentationFolder(image_dir, mask_dir, indices=range(count - val_count, count),
                                  transform=val_transforms(channels), **options)
         for part in (train, val):  # unexpected mask values fail now, not in epoch 7

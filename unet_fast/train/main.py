@@ -3,6 +3,8 @@ process runs it): data sets from the command line, the model, then `fit`."""
 import argparse
 import dataclasses
 
+import torch
+
 from .. import models
 from .fit import LOSSES, PRECISIONS, TrainConfig, fit
 
@@ -117,4 +119,8 @@ def main(args) -> list:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields},
                          progress=not args.quiet)
-    return fit(model, train, val, config, info)
+    try:
+        return fit(model, train, val, config, info)
+    finally:
+        if torch.distributed.is_initialized():  # started by fit under torchrun
+            torch.distributed.destroy_process_group()

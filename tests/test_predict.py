@@ -39,6 +39,23 @@ def test_one_tile_is_exactly_the_padded_forward_pass(channels, classes, size):
         assert torch.equal(got, forward(model, image))
 
 
+def test_test_time_augmentation_averages_the_eight_views_mapped_back():
+    model = unet_fast.UNet(1, 2, base_features=4).eval()
+    image = torch.randn(1, 40, 56)
+    views = []
+    for turns in range(4):
+        for flip in (False, True):
+            view = torch.rot90(image, turns, (1, 2))
+            view = view.flip(2) if flip else view
+            out = predict_tiled(model, view.contiguous(), tile=256)
+            views.append(torch.rot90(out.flip(2) if flip else out, -turns, (1, 2)))
+    got = predict.predict_averaged(model, image, tta=True, tile=256)
+    torch.testing.assert_close(got, torch.stack(views).mean(0))
+    assert not torch.allclose(views[0], views[1])  # the views do differ: the mean means something
+    assert torch.equal(predict.predict_averaged(model, image, tile=256),
+                       predict_tiled(model, image, tile=256))
+
+
 def test_odd_sizes_tiled_keep_their_size_and_channels():
     for channels in (1, 3):
         model = unet_fast.UNet(channels, 3, base_features=4).eval()
@@ -247,7 +264,7 @@ def test_command_line_writes_outputs_and_reports_one_line_errors(good, capsys):
     predict.add_arguments(parser)
     args = parser.parse_args([str(path), str(folder), "--out", str(out), "--tile", "32",
                               "--overlap", "8", "--batch-size", "2", "--device", "cpu",
-                              "--quiet"])
+                              "--tta", "--quiet"])
     assert predict.main(args) == [out / "a_mask.png", out / "a_overlay.png"]
     assert "wrote 1 masks and overlays" in capsys.readouterr().out
     args = parser.parse_args([str(path), str(folder / "nope.png"), "--out", str(out)])

@@ -1,3 +1,4 @@
+import copy
 import os
 import sys
 
@@ -56,6 +57,22 @@ def assert_bf16_within_rule(got, ref_bf16, ref_f64):
     for g, r, exact in zip(got, ref_bf16, ref_f64):
         ours, theirs = rms(g.double() - exact), rms(r.double() - exact)
         assert ours <= 2 * theirs + 1e-6 * rms(exact), (ours, theirs)
+
+
+def bf16_rule_runs(ours, ref, x, training: bool):
+    """[output, parameter gradients] of `ours` in bfloat16, `ref` in bfloat16 and `ref` in
+    float64, all on the same bfloat16-rounded weights and input (for assert_bf16_within_rule)."""
+    results = []
+    for model, dtype in ((ours, torch.bfloat16), (ref, torch.bfloat16), (ref, torch.float64)):
+        model = copy.deepcopy(model).to(x.device, dtype).train(training)
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.to(torch.bfloat16))
+        out = model(x.to(torch.bfloat16).to(dtype))
+        out.double().square().mean().backward()
+        results.append([out] + [p.grad for p in model.parameters()])
+    return results
 
 
 def training_history(model, x, steps=3, lr=0.01):

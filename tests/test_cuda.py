@@ -1,6 +1,5 @@
 """The CUDA kernels against the reference on the GPU; skipped where no GPU exists (CI compiles
 them with FORCE_CUDA=1)."""
-import copy
 
 import pytest
 import torch
@@ -68,22 +67,12 @@ def test_unet_on_cuda_matches_reference(dtype):
 def test_bfloat16_unet_on_gpu_within_the_rule(x_layout, backend, training):
     """A bfloat16 UNet on each GPU backend: RMS error against float64 at most twice the
     reference's own bfloat16 error (DESIGN.md's rule), outputs and parameter gradients."""
-    from conftest import assert_bf16_within_rule
+    from conftest import assert_bf16_within_rule, bf16_rule_runs
     ours = unet_fast.UNet(3, 2, base_features=8, bilinear=False, backend=backend)
     ref = reference.UNet(3, 2, base_features=8, bilinear=False)
     ref.load_state_dict(ours.state_dict())
     x = layout(torch.randn(2, 3, 40, 48, device="cuda", dtype=torch.float64), x_layout)
-    results = []
-    for model, dtype in ((ours, torch.bfloat16), (ref, torch.bfloat16), (ref, torch.float64)):
-        model = copy.deepcopy(model).to("cuda", dtype).train(training)
-        with torch.no_grad():  # the same bfloat16 values everywhere
-            for t in model.state_dict().values():
-                if t.is_floating_point():
-                    t.copy_(t.to(torch.bfloat16))
-        out = model(x.to(torch.bfloat16).to(dtype))
-        out.double().square().mean().backward()
-        results.append([out] + [p.grad for p in model.parameters()])
-    assert_bf16_within_rule(*results)
+    assert_bf16_within_rule(*bf16_rule_runs(ours, ref, x, training))
 
 
 @pytest.mark.parametrize("channels", [3, 64, 300])

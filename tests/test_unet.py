@@ -1,5 +1,4 @@
 """unet_fast.UNet against the reference UNet and the tutorial's code; fuse() on other models."""
-import copy
 
 import pytest
 import torch
@@ -153,22 +152,11 @@ def test_pytorch_unet_checkpoints_with_and_without_conv_biases(bilinear, tmp_pat
 
 @pytest.mark.parametrize("training", [True, False])
 def test_bfloat16_model_within_the_rule(training):
-    from conftest import assert_bf16_within_rule
+    from conftest import assert_bf16_within_rule, bf16_rule_runs
 
     ours, ref = twins(torch.float64, bilinear=False)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    results = []
-    for model, dtype in ((ours, torch.bfloat16), (ref, torch.bfloat16), (ref, torch.float64)):
-        model = copy.deepcopy(model).to(dtype).train(training)
-        # the same bfloat16 values everywhere: float64 runs on bfloat16-rounded copies
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                if t.is_floating_point():
-                    t.copy_(t.to(torch.bfloat16))
-        out = model(x.to(torch.bfloat16).to(dtype))
-        out.double().square().mean().backward()
-        results.append([out] + [p.grad for p in model.parameters()])
-    assert_bf16_within_rule(*results)
+    assert_bf16_within_rule(*bf16_rule_runs(ours, ref, x, training))
 
 
 def test_one_channel_input_runs_channels_last_inside():

@@ -9,16 +9,11 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend
-from ..ops.conv_bn_relu import update_running_stats
+from ..ops.conv_bn_relu import bn_affine, update_running_stats
 
 
 def _channels(t: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, 1, 1)
-
-
-def _affine(weight, bias, mean, invstd):
-    scale = invstd if weight is None else weight.double() * invstd
-    return scale, (0.0 if bias is None else bias.double()) - mean * scale
 
 
 def _apply(y, weight, bias, mean, invstd):
@@ -27,7 +22,7 @@ def _apply(y, weight, bias, mean, invstd):
     mean, invstd = mean.to(stats_dtype), invstd.to(stats_dtype)
     if _backend.resolve("auto", y.device, "conv_bn_relu") in ("cpu", "cuda"):
         return torch.ops.unet_fast.batch_norm_relu_apply(y, weight, bias, mean, invstd)
-    scale, shift = _affine(weight, bias, mean, invstd)
+    scale, shift = bn_affine(mean, invstd, weight, bias)
     return torch.relu(y * _channels(scale.to(stats_dtype)) + _channels(shift.to(stats_dtype))).to(y.dtype)
 
 
@@ -59,7 +54,7 @@ class SyncBatchNormReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _mean, _var):
         y, weight, bias, mean, invstd = ctx.saved_tensors
-        scale, shift = _affine(weight, bias, mean, invstd)
+        scale, shift = bn_affine(mean, invstd, weight, bias)
         compute = torch.float64 if y.dtype == torch.float64 else torch.float32
         y_c = y.to(compute)
         # the forward kernel's mask: y scale + shift > 0 with float coefficients

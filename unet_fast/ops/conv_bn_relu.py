@@ -79,6 +79,14 @@ def fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps):
     return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype), shift.to(weight.dtype)
 
 
+def bn_affine(mean, invstd, weight, bias):
+    """(scale, shift) in float64 with relu(bn(y)) = relu(y * scale + shift) for given statistics
+    (weight and bias may be None: 1 and 0)."""
+    scale = invstd.double() if weight is None else weight.double() * invstd.double()
+    shift = -mean.double() * scale
+    return scale, shift if bias is None else shift + bias.double()
+
+
 def update_running_stats(running_mean, running_var, mean, var, momentum, count):
     """running = (1 - momentum) * running + momentum * batch statistic, as nn.BatchNorm2d; an
     empty batch (count 0) leaves them unchanged."""

@@ -6,6 +6,7 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ..ops.conv_bn_relu import bn_affine
 from . import kernels
 
 Tensor = torch.Tensor
@@ -20,14 +21,16 @@ def dense(t: Tensor) -> Tuple[Tensor, bool]:
                         torch.contiguous_format), channels_last
 
 
-def _tiling(y: Tensor, channels_last: bool, rows_per_program: Optional[int] = None):
+def _tiling(y: Tensor, channels_last: bool, spread: Optional[int] = None):
     """(BLOCK_P, BLOCK_C, grid, CHUNK, HW_PARTS) for a (rows x channels) tiling of y: NHWC rows
-    are pixels, channels contiguous; NCHW rows run along one plane, a few channels per program."""
+    are pixels, channels contiguous; NCHW rows run along one plane, one channel per program.
+    A program takes one step of BLOCK_P rows, or with `spread` the rows are shared out among
+    about that many programs (per channel block, per plane in NCHW)."""
     n, c, h, w = y.shape
     block_c = min(triton.next_power_of_2(c), 64) if channels_last else 1
     block_p = TILE // block_c
     rows = n * h * w if channels_last else h * w
-    chunk = rows_per_program or block_p
+    chunk = block_p * (1 if spread is None else triton.cdiv(triton.cdiv(rows, block_p), spread))
     parts = triton.cdiv(rows, chunk)
     grid = (parts if channels_last else parts * n, triton.cdiv(c, block_c))
     return block_p, block_c, grid, chunk, parts
@@ -36,11 +39,8 @@ def _tiling(y: Tensor, channels_last: bool, rows_per_program: Optional[int] = No
 def channel_sums(y, dy, coef, channels_last: bool, backward: bool):
     """(2, C) float64 sums (see channel_sums_kernel), about 64 programs per channel block."""
     n, c, h, w = y.shape
-    rows = n * h * w if channels_last else h * w
-    block_p = _tiling(y, channels_last)[0]
-    per_plane = 64 if channels_last else max(1, 64 // n)
-    chunk = block_p * triton.cdiv(triton.cdiv(rows, block_p), per_plane)
-    block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last, chunk)
+    spread = 64 if channels_last else max(1, 64 // n)
+    block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last, spread)
     partial = y.new_empty((2, c, grid[0]), dtype=torch.float32)
     wrap_triton(kernels.channel_sums_kernel)[grid](
         y, dy, coef, partial, c, h * w, n * h * w, chunk, hw_parts, BLOCK_P=block_p,
@@ -55,12 +55,6 @@ def channel_map(out, y, dy, coef, channels_last: bool, backward: bool):
         out, y, dy, coef, c, h * w, n * h * w, chunk, hw_parts, BLOCK_P=block_p, BLOCK_C=block_c,
         CHANNELS_LAST=channels_last, BACKWARD=backward)
     return out
-
-
-def affine(mean, invstd, weight, bias):
-    scale = invstd if weight is None else weight.double() * invstd
-    shift = -mean * scale if bias is None else bias.double() - mean * scale
-    return scale, shift
 
 
 @triton_op("unet_fast::batch_norm_relu_triton", mutates_args=())
@@ -79,7 +73,7 @@ def batch_norm_relu(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     var = (sums[1] / count - shifted_mean ** 2).clamp_min(0)
     mean = first + shifted_mean
     invstd = torch.rsqrt(var + eps)
-    scale, shift = affine(mean, invstd, weight, bias)
+    scale, shift = bn_affine(mean, invstd, weight, bias)
     coef = torch.stack([scale, shift]).float().contiguous()
     out = channel_map(torch.empty_like(y), y, y, coef, channels_last, backward=False)
     return out, mean.float(), invstd.float(), (var * count / max(count - 1, 1)).float()
@@ -96,7 +90,7 @@ def batch_norm_relu_backward(grad_out: Tensor, y: Tensor, weight: Optional[Tenso
     n, c, h, w = y.shape
     count = n * h * w
     mean, invstd = mean.double(), invstd.double()
-    scale, shift = affine(mean, invstd, weight, bias)
+    scale, shift = bn_affine(mean, invstd, weight, bias)
     sums = channel_sums(y, dy, torch.stack([scale, shift, mean]).float().contiguous(),
                         channels_last, backward=True)
     gain = scale

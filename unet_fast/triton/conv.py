@@ -7,10 +7,9 @@ import torch.nn.functional as F
 import triton
 from torch.library import triton_op, wrap_triton
 
-from ..ops.conv_bn_relu import conv_bias_relu_backward, conv_bias_relu_setup
+from ..ops.conv_bn_relu import bn_affine, conv_bias_relu_backward, conv_bias_relu_setup
 from . import kernels
-from .batch_norm_relu import (affine, channel_map, dense, batch_norm_relu_backward,
-                              check_dtype)
+from .batch_norm_relu import channel_map, dense, batch_norm_relu_backward, check_dtype
 
 Tensor = torch.Tensor
 
@@ -75,10 +74,10 @@ def double_conv(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], bn_weight1:
     the first BatchNorm + ReLU in its prologue; both accumulate their statistics in the epilogue.
     Returns (out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2) like unet_fast::double_conv."""
     y1, mean1, invstd1, var1 = conv3x3_stats(x, weight1, bias1, padding, eps1)
-    scale1, shift1 = affine(mean1, invstd1, bn_weight1, bn_bias1)
+    scale1, shift1 = bn_affine(mean1, invstd1, bn_weight1, bn_bias1)
     y2, mean2, invstd2, var2 = conv3x3_stats(
         y1, weight2, bias2, padding, eps2, torch.stack([scale1, shift1]).float().contiguous())
-    scale2, shift2 = affine(mean2, invstd2, bn_weight2, bn_bias2)
+    scale2, shift2 = bn_affine(mean2, invstd2, bn_weight2, bn_bias2)
     out = channel_map(torch.empty_like(y2), y2, y2, torch.stack([scale2, shift2]).float().contiguous(),
                       True, backward=False)
     return (out, y1, y2, *[t.float() for t in (mean1, invstd1, var1, mean2, invstd2, var2)])
@@ -87,7 +86,7 @@ def double_conv(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], bn_weight1:
 def _apply(y, weight, bias, mean, invstd):
     """relu(bn(y)) with given statistics: the recomputed middle activation."""
     y, channels_last = dense(y)
-    scale, shift = affine(mean.double(), invstd.double(), weight, bias)
+    scale, shift = bn_affine(mean, invstd, weight, bias)
     return channel_map(torch.empty_like(y), y, y, torch.stack([scale, shift]).float().contiguous(),
                        channels_last, backward=False)
 

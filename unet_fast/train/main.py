@@ -119,8 +119,10 @@ def main(args) -> list:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields},
                          progress=not args.quiet)
-    try:
-        return fit(model, train, val, config, info)
-    finally:
-        if torch.distributed.is_initialized():  # started by fit under torchrun
-            torch.distributed.destroy_process_group()
+    history = fit(model, train, val, config, info)
+    if torch.distributed.is_initialized():  # started by fit under torchrun
+        # no rank tears its connections down while rank 0 still saves (else gloo can abort);
+        # after an error torchrun ends the other ranks itself
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return history

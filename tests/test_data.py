@@ -227,6 +227,21 @@ def test_flips_and_rotations_are_exact_and_keep_ignore_values():
     assert len(seen) > 1  # the ignored corner went to other corners
 
 
+def test_native_crops_keep_the_images_resolution():
+    image, mask = blocks(3, size=(64, 56))
+    transform = train_transforms(32, 1, scale=None, elastic_p=0.0, intensity_p=0.0)
+    for seed in range(4):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=mask)
+        # not resampled: every pixel is still exactly one block's level (a resized crop blends
+        # levels along block edges)
+        torch.testing.assert_close(out["image"][0], as_normalised_image(out["mask"]))
+        assert out["image"].shape == (1, 32, 32)
+    small = transform(image=image[:20, :24], mask=mask[:20, :24])  # mirrored out to the crop
+    assert small["image"].shape == (1, 32, 32) and small["mask"].shape == (32, 32)
+    torch.testing.assert_close(small["image"][0], as_normalised_image(small["mask"]))
+
+
 def test_intensity_transforms_touch_the_image_only():
     image, mask = blocks(1, size=(32, 32))
     transform = train_transforms(32, 1, scale=(1.0, 1.0), elastic_p=0.0, intensity_p=1.0)

@@ -12,31 +12,45 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 
 import unet_fast
 from unet_fast import cli
 from unet_fast.train import checkpoint
+from unet_fast.train import fit as fit_module
+from unet_fast.train import losses, metrics
 from unet_fast.train.augment import train_transforms, val_transforms
 from unet_fast.train.data import SyntheticCells
-from unet_fast.train.fit import TrainConfig, fit
+from unet_fast.train.fit import TrainConfig, WeightAverage, cosine_factor, fit
 
 ROOT = Path(__file__).parents[1]
 
 
-def tiny_run(out, epochs, resume=False):
+def tiny_run(out, epochs, resume=False, **options):
     torch.manual_seed(0)
     model = unet_fast.UNet(1, 1, base_features=4)
     train = SyntheticCells(8, 48, seed=1, transform=train_transforms(32, 1))
     val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
-    config = TrainConfig(out=str(out), epochs=epochs, batch_size=4, resume=resume, progress=False)
+    config = TrainConfig(out=str(out), epochs=epochs, batch_size=4, resume=resume, progress=False,
+                         **options)
     history = fit(model, train, val, config, {"channels": 1})
     return model, history
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
-    straight, history = tiny_run(tmp_path / "straight", 3)
-    tiny_run(tmp_path / "resumed", 1)
-    resumed, resumed_history = tiny_run(tmp_path / "resumed", 3, resume=True)
+@pytest.mark.parametrize("options", [{}, {"schedule": "cosine", "ema": 0.9}])
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch, options):
+    straight, history = tiny_run(tmp_path / "straight", 3, **options)
+    write_log = fit_module.write_log
+
+    def interrupt(*args):  # Ctrl-C right after the first epoch's checkpoint and log
+        write_log(*args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fit_module, "write_log", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path / "resumed", 3, **options)
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    resumed, resumed_history = tiny_run(tmp_path / "resumed", 3, resume=True, **options)
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
     drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
@@ -45,6 +59,12 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path):
     assert log[0].startswith("epoch,train_loss") and len(log) == 4  # one row per epoch
     saved = checkpoint.load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert saved["epoch"] == 3 and saved["model"]["class"] == "UNet"
+    straight_saved = checkpoint.load_checkpoint(tmp_path / "straight" / "last.pt")
+    for key, value in straight_saved["state_dict"].items():  # the weight average, if any
+        torch.testing.assert_close(saved["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    if options.get("ema"):
+        assert not torch.equal(saved["state_dict"]["inc.double_conv.0.weight"],
+                               saved["train_state_dict"]["inc.double_conv.0.weight"])
     assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0
     model, _ = checkpoint.load_model(tmp_path / "resumed" / "best.pt")
     assert model.init_kwargs["base_features"] == 4
@@ -64,6 +84,61 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
     torch.save = slow_save
     checkpoint.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
 """)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    factors = [cosine_factor(step / 100, warmup=0.1) for step in range(101)]
+    rising, falling = factors[:11], factors[10:]
+    assert rising == sorted(rising) and rising[0] < 0.02 and factors[10] == 1.0
+    assert falling == sorted(falling, reverse=True) and factors[100] == 0.0
+    assert factors[55] == pytest.approx(0.5)
+
+
+def test_weight_average_follows_the_weights_and_batch_norm_statistics():
+    torch.manual_seed(0)
+    model = unet_fast.UNet(1, 1, base_features=4)
+    average = WeightAverage(model, decay=0.75)
+    before = {k: v.clone() for k, v in average.model.state_dict().items()}
+    model.train()(torch.randn(2, 1, 32, 32)).sum().backward()  # moves BatchNorm statistics
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    average.update(model, step=1000)  # past the warm-up: decay 0.75
+    now = model.state_dict()
+    for key, value in average.model.state_dict().items():
+        want = now[key] if not value.is_floating_point() else 0.75 * before[key] + 0.25 * now[key]
+        torch.testing.assert_close(value, want, msg=key)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    average.update(model, step=0)  # warm-up: decay 1/10, nearly the weights themselves
+    key = "inc.double_conv.0.weight"
+    torch.testing.assert_close(average.model.state_dict()[key],
+                               0.1 * (0.75 * before[key] + 0.25 * now[key]) + 0.9 * now[key])
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(model, 1.0)
+
+
+def test_validation_with_tta_scores_the_mean_of_the_eight_views():
+    torch.manual_seed(0)
+    model = unet_fast.UNet(1, 1, base_features=4).eval()
+    val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
+    loader = DataLoader(val, batch_size=2)
+    images, masks = next(iter(loader))
+    loss_fn = lambda logits, target: losses.bce_loss(logits, target)  # noqa: E731
+    env = fit_module.Distributed("cpu")
+    views = []
+    with torch.no_grad():
+        for turns in range(4):
+            for flip in (False, True):
+                view = torch.rot90(images, turns, (2, 3))
+                out = model(view.flip(3) if flip else view)
+                views.append(torch.rot90(out.flip(3) if flip else out, -turns, (2, 3)))
+    mean = torch.stack(views).mean(0)
+    for tta, logits in ((False, model(images).detach()), (True, mean)):
+        loss, dice, _, error = fit_module.validate(model, loader, loss_fn, 2, None, None, env,
+                                                   False, tta=tta)
+        labels = metrics.labels_from_logits(logits)
+        assert error.item() == pytest.approx((labels != masks).float().mean().item())
+        assert loss == pytest.approx(loss_fn(logits, masks).item(), rel=1e-5)
 
 
 def test_a_run_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
@@ -162,7 +237,7 @@ def test_torchrun_trains_with_sync_bn(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     result = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "unet_fast.train",
-         "--sync-bn", "--base-features", "4", "--crop", "32", "--epochs", "1",
+         "--sync-bn", "--schedule", "cosine", "--time-limit", "5", "--base-features", "4", "--crop", "32", "--epochs", "1",
          "--epoch-samples", "8", "--out", str(tmp_path / "run"), "--quiet"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})

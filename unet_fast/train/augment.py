@@ -31,19 +31,29 @@ def normalize(channels: int, mean=None, std=None) -> A.Normalize:
 
 
 def train_transforms(size: int | tuple[int, int], channels: int = 1, *, mean=None, std=None,
-                     scale: tuple[float, float] = (0.5, 1.0), elastic_p: float = 0.3,
+                     scale: tuple[float, float] | None = (0.5, 1.0), elastic_p: float = 0.3,
                      intensity_p: float = 0.5) -> A.Compose:
     """Rot90, flips, random resized crop to `size` (H, W) and elastic deformation on image and
-    mask; one of brightness/contrast, Gauss noise or blur on the image; normalisation."""
+    mask; one of brightness/contrast, Gauss noise or blur on the image; normalisation.
+
+    `scale`: the crop's area as a fraction of the image before resizing (its aspect ratio is
+    drawn too); None crops at the image's own resolution: resizing moves a thin structure's
+    edges in the image and (nearest-neighbour) in the mask differently, noise at the very pixels
+    a boundary task is scored on."""
     height, width = (size, size) if isinstance(size, int) else size
+    if scale is None:  # images smaller than the crop are mirrored out to it
+        crop = A.RandomCrop(height, width, pad_if_needed=True, border_mode=cv2.BORDER_REFLECT_101)
+    else:
+        crop = A.RandomResizedCrop(size=(height, width), scale=scale,  # 1.x: (h, w) positional
+                                   interpolation=cv2.INTER_LINEAR,
+                                   mask_interpolation=cv2.INTER_NEAREST)
     return A.Compose([
         # Rotations and flips before the crop, not after as in the tutorial: the same
         # distribution, but a non-square crop keeps its (H, W) and batches still stack.
         A.RandomRotate90(p=0.5),
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
-        A.RandomResizedCrop(size=(height, width), scale=scale,  # 1.x: (height, width) positional
-                            interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
+        crop,
         # 1.x drew uniform noise and mirrored at the border; 2.x defaults to Gaussian noise (1.7x
         # stronger) and a constant fill, which would paint class 0 into the mask.
         A.ElasticTransform(alpha=120, sigma=120 * 0.05, noise_distribution="uniform",

@@ -2,7 +2,8 @@
 
 A checkpoint is a dict: {"format", "version", "model": {"class", "kwargs"}, "state_dict",
 "data": how inputs were prepared and what the classes mean, and for resuming "optimizer",
-"scheduler", "epoch", "best", "bad_epochs", "rng", "history"}.
+"scheduler", "epoch", "best", "bad_epochs", "seconds", "rng", "history", and with a weight
+average (which "state_dict" then holds) "train_state_dict"}.
 """
 import os
 import random

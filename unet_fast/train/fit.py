@@ -3,6 +3,7 @@ and best-checkpoint saving, plus autocast, channels_last, progress bars, an epoc
 JSON), per-epoch seeds (a resumed run continues exactly as an uninterrupted one), atomic
 checkpoints, resuming, loss and metric curves, and DistributedDataParallel under torchrun.
 """
+import copy
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
 from . import checkpoint, losses, metrics
+from .predict import dihedral_mean
 
 LOSSES = {"bce": losses.bce_loss, "dice": losses.dice_loss, "bce_dice": losses.bce_dice_loss,
           "ce": losses.cross_entropy_loss}
@@ -34,14 +36,18 @@ class TrainConfig:
     pos_weight: float | None = None
     precision: str = "auto"  # fp32 | bf16 | fp16; auto: fp32 on the CPU, bf16 on CUDA
     channels_last: bool = True
-    lr_patience: int = 5  # ReduceLROnPlateau: halve the rate after this many flat epochs
+    schedule: str = "plateau"  # plateau: ReduceLROnPlateau; cosine: see cosine_factor
+    lr_patience: int = 5  # plateau: halve the rate after this many flat epochs
+    warmup: float = 0.03  # cosine: fraction of the run with a linearly rising rate
     patience: int = 10  # early stopping: stop after this many epochs without a better Dice
     seed: int = 0
     workers: int = 0
     device: str = "auto"
     resume: bool = False
     sync_bn: bool = False  # distributed: BatchNorm statistics across all processes
-    time_limit: float | None = None  # minutes: no new epoch starts after this
+    ema: float = 0.0  # > 0: validate and save an exponential moving average of the weights
+    tta: bool = False  # validate on the mean over 8 flips and rotations (the paper's averaging)
+    time_limit: float | None = None  # minutes of training (over resumes): no epoch starts after
     progress: bool = True
 
 
@@ -68,6 +74,36 @@ class Distributed:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+    def broadcast(self, value: float) -> float:
+        """Rank 0's value on every rank."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, 0)
+        return t.item()
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics: smoother than
+    the weights of any one step. The decay warms up as (1 + n) / (10 + n) over the first steps,
+    so the average does not keep the initialisation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"the weight average's decay must be in (0, 1), got {decay}")
+        self.model, self.decay = copy.deepcopy(model).requires_grad_(False), decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        pairs = [(mine, theirs) for mine, theirs in zip(self.model.state_dict().values(),
+                                                         model.state_dict().values())]
+        floating = [pair for pair in pairs if pair[0].is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floating], [b for _, b in floating], 1 - decay)
+        for mine, theirs in pairs:
+            if not mine.is_floating_point():  # BatchNorm's batch counts
+                mine.copy_(theirs)
 
 
 def check_output_folder(out: Path, resume: bool) -> None:
@@ -147,6 +183,14 @@ def _autocast_dtype(config: TrainConfig, device: torch.device):
     return PRECISIONS[config.precision]
 
 
+def cosine_factor(progress: float, warmup: float) -> float:
+    """Learning-rate multiplier at `progress` (0 to 1) through the run: a linear rise over the
+    first `warmup`, then half a cosine down to 0."""
+    if progress < warmup:
+        return (progress + 1e-3) / (warmup + 1e-3)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
 def _seed_epoch(config: TrainConfig, epoch: int, train_set) -> torch.Generator:
     """Every random choice of an epoch follows (seed, epoch): order, augmentation, dropout."""
     seed = config.seed * 100003 + epoch
@@ -158,8 +202,9 @@ def _seed_epoch(config: TrainConfig, epoch: int, train_set) -> torch.Generator:
 
 
 def validate(model, loader, loss_fn, num_classes, ignore_index, autocast_dtype, env: Distributed,
-             channels_last: bool):
-    """(loss, per-class Dice, IoU, pixel error) over the whole validation set (all ranks)."""
+             channels_last: bool, tta: bool = False):
+    """(loss, per-class Dice, IoU, pixel error) over the whole validation set (all ranks); with
+    `tta` of the logits averaged over the images' 8 flips and 90-degree rotations."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=env.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)
@@ -168,7 +213,7 @@ def validate(model, loader, loss_fn, num_classes, ignore_index, autocast_dtype, 
             images, masks = _to_device(images, masks, env.device, channels_last)
             with torch.autocast(env.device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                logits = model(images)
+                logits = dihedral_mean(model, images) if tta else model(images)
             logits = logits.float()
             loss_sum += torch.stack([loss_fn(logits, masks).double() * len(images),
                                      torch.tensor(float(len(images)), device=env.device)])
@@ -212,21 +257,27 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"schedule must be plateau or cosine, not {config.schedule!r}")
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                            patience=config.lr_patience)
     scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype == torch.float16)
-    state = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "best": -math.inf, "bad_epochs": 0, "history": [], "seconds": 0.0}
     if config.resume:
         saved = checkpoint.load_checkpoint(out / "last.pt", env.device)
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(saved.get("train_state_dict", saved["state_dict"]))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-        state = {key: saved[key] for key in state}
+        state = {key: saved.get(key, state[key]) for key in state}
         checkpoint.set_rng_state(saved["rng"])
     if config.sync_bn and env.world > 1:
         from ..nn import convert_sync_batchnorm
         convert_sync_batchnorm(model)
+    average = WeightAverage(model, config.ema) if config.ema else None
+    if average is not None and config.resume:
+        average.model.load_state_dict(saved["state_dict"])
+    evaluated = average.model if average is not None else model  # validated and saved
     network = model
     if env.world > 1:
         network = torch.nn.parallel.DistributedDataParallel(
@@ -235,10 +286,14 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
                             batch_size=config.batch_size, num_workers=config.workers)
     num_classes = val_set.num_classes
     ignore_index = getattr(val_set, "ignore_index", None)
-    started = time.monotonic()
+    started, before = time.monotonic(), state["seconds"]
+    budget = None if config.time_limit is None else 60 * config.time_limit
+
+    def elapsed() -> float:  # seconds of this run so far, the runs it resumes included
+        return before + time.monotonic() - started
     info = {"config": asdict(config), "data": data_info or {}, "model": checkpoint.model_spec(model)}
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        if config.time_limit is not None and time.monotonic() - started > 60 * config.time_limit:
+        if budget is not None and elapsed() > budget:
             break
         generator = _seed_epoch(config, epoch, train_set)
         samples = config.epoch_samples or len(train_set)
@@ -254,7 +309,15 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
         epoch_start, total, seen = time.monotonic(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=not (config.progress and env.main))
-        for images, masks in bar:
+        for step, (images, masks) in enumerate(bar):
+            if config.schedule == "cosine":
+                # the run ends after --epochs or --time-limit, whichever comes first; the
+                # time part is the same on every rank (rank 0's clock)
+                progress = (epoch - 1 + step / len(loader)) / config.epochs
+                if budget is not None:
+                    progress = max(progress, env.broadcast(elapsed()) / budget)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * cosine_factor(progress, config.warmup)
             images, masks = _to_device(images, masks, env.device, config.channels_last)
             with torch.autocast(env.device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
@@ -267,18 +330,22 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if average is not None:
+                average.update(model, (epoch - 1) * len(loader) + step)
             total, seen = total + loss.item() * len(images), seen + len(images)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         train_loss = env.sum(torch.tensor([total, seen], dtype=torch.float64, device=env.device))
-        val_loss, dice, iou, error = validate(model, val_loader, loss_fn, num_classes,
+        val_loss, dice, iou, error = validate(evaluated, val_loader, loss_fn, num_classes,
                                               ignore_index, autocast_dtype, env,
-                                              config.channels_last)
+                                              config.channels_last, config.tta)
         score = _foreground_mean(dice, val_set.binary)
-        scheduler.step(score)
+        if config.schedule == "plateau":
+            scheduler.step(score)
         improved = score > state["best"]
         state["best"] = max(state["best"], score)
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state["epoch"] = epoch
+        state["seconds"] = elapsed()
         state["history"].append({
             "epoch": epoch, "train_loss": (train_loss[0] / train_loss[1]).item(), "val_loss": val_loss,
             "val_dice": score, "val_iou": _foreground_mean(iou, val_set.binary),
@@ -289,7 +356,10 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
             tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss "
                        f"{row['val_loss']:.4f}, Dice {score:.4f}, pixel error {row['val_pixel_error']:.4f}"
                        + (" (best)" if improved else ""))
-            snapshot = {**info, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+            weights = {"state_dict": evaluated.state_dict()}
+            if average is not None:  # what training goes on from when resumed
+                weights["train_state_dict"] = model.state_dict()
+            snapshot = {**info, **weights, "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "rng": checkpoint.rng_state(), **state}
             if improved:

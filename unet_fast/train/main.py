@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="area of the crop taken before resizing it to --crop, as a fraction "
                            "of the image (the tutorial's 0.5 1.0; (crop/size)^2 keeps the "
                            "native resolution)")
+    data.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
+                      help="random resized crops (the tutorial's); --no-resize: plain random "
+                           "crops at the images' own resolution, --crop-scale unused")
     data.add_argument("--elastic-p", type=float, default=0.3,
                       help="probability of the elastic deformation (the tutorial's 0.3)")
     data.add_argument("--intensity-p", type=float, default=0.5,
@@ -50,11 +53,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--pos-weight", type=float, help="BCE weight of positive pixels")
     run.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    run.add_argument("--lr-patience", type=int, default=defaults.lr_patience)
+    run.add_argument("--schedule", default=defaults.schedule, choices=["plateau", "cosine"],
+                     help="plateau: halve the rate when validation Dice stalls (the tutorial's); "
+                          "cosine: warm up, then decay to 0 at --epochs or --time-limit, "
+                          "whichever ends first")
+    run.add_argument("--lr-patience", type=int, default=defaults.lr_patience,
+                     help="plateau: epochs without a better Dice before the rate is halved")
+    run.add_argument("--warmup", type=float, default=defaults.warmup,
+                     help="cosine: fraction of the run with a linearly rising rate")
     run.add_argument("--patience", type=int, default=defaults.patience,
                      help="early stopping after this many epochs without a better Dice")
+    run.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                     help="validate and save an exponential moving average of the weights "
+                          "with this decay per step (e.g. 0.99); 0: the weights themselves")
+    run.add_argument("--tta", action="store_true",
+                     help="validate on the mean over each image's 8 flips and 90-degree "
+                          "rotations (the paper's averaging; 8 times the validation work)")
     run.add_argument("--time-limit", type=float, metavar="MINUTES",
-                     help="start no epoch after this many minutes")
+                     help="start no epoch after this many minutes of training (a resumed "
+                          "run counts the time before it)")
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     run.add_argument("--device", default="auto")
@@ -71,7 +88,7 @@ def datasets(args):
     from .data import SegmentationFolder, SyntheticCells, find_image_mask_folders, read_image
 
     def augment(channels):
-        return train_transforms(args.crop, channels, scale=args.crop_scale,
+        return train_transforms(args.crop, channels, scale=args.crop_scale if args.resize else None,
                                 elastic_p=args.elastic_p, intensity_p=args.intensity_p)
     if args.data is None:
         channels = 1

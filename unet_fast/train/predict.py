@@ -164,21 +164,26 @@ def predict_tiled(model, image: torch.Tensor, tile: int = 256, overlap: int = 32
     return (total / norm)[:, :height, :width].to(image.device)
 
 
-def predict_averaged(model, image: torch.Tensor, tta: bool = False, **tiling) -> torch.Tensor:
-    """predict_tiled, or with tta=True the mean logits over the image's 8 flips and 90-degree
-    rotations, each mapped back (on ISBI 2012 this lowers the pixel error by about 8%)."""
-    if not tta:
-        return predict_tiled(model, image, **tiling)
+def dihedral_mean(predict, image: torch.Tensor) -> torch.Tensor:
+    """The mean of `predict` over the image's 8 flips and 90-degree rotations (of its last two
+    axes), each result mapped back: the paper's averaging over rotated inputs."""
     total = 0
     for turns in range(4):
         for flip in (False, True):
-            view = torch.rot90(image, turns, (1, 2))
-            view = view.flip(2) if flip else view
-            logits = predict_tiled(model, view.contiguous(), **tiling)
-            logits = logits.flip(2) if flip else logits
-            total = total + torch.rot90(logits, -turns, (1, 2))
+            view = torch.rot90(image, turns, (-2, -1))
+            view = view.flip(-1) if flip else view
+            result = predict(view.contiguous())
+            result = result.flip(-1) if flip else result
+            total = total + torch.rot90(result, -turns, (-2, -1))
     return total / 8
 
+
+def predict_averaged(model, image: torch.Tensor, tta: bool = False, **tiling) -> torch.Tensor:
+    """predict_tiled, or with tta=True its mean over the image's 8 flips and 90-degree
+    rotations (on ISBI 2012 this lowers the pixel error by about 8%)."""
+    if not tta:
+        return predict_tiled(model, image, **tiling)
+    return dihedral_mean(lambda view: predict_tiled(model, view, **tiling), image)
 
 # ----------------------------------------------------------------------------- files
 

@@ -4,7 +4,7 @@ pytest-benchmark runs each case's rounds back to back; on a shared 2-core machin
 between cases, so the ratios quoted in notes come from here: every round times the fused and the
 reference version one after the other, and the ratio is of the medians.
 
-    python benchmarks/interleaved.py [--rounds 15]
+    python benchmarks/interleaved.py [--rounds 15] [--unet | --autocast]
 """
 import argparse
 import statistics
@@ -60,9 +60,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--unet", action="store_true",
                         help="the UNet targets instead: unet_fast vs the tutorial's model")
+    parser.add_argument("--autocast", action="store_true",
+                        help="a training step in float32 vs under bfloat16 autocast instead")
     args = parser.parse_args()
     if args.unet:
         return unet_ratios(args.rounds)
+    if args.autocast:
+        return autocast_ratios(args.rounds)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference time / fused time "
           f"(medians of {args.rounds} interleaved rounds)")
@@ -105,6 +109,34 @@ def unet_ratios(rounds: int):
         _, model, x = bench_unet.step_fn(impl, "train", "float32")
         saved[impl] = saved_bytes(model.train(), x)
     print(f"saved-for-backward bytes, training step: {saved['fused'] / saved['tutorial']:.3f}x")
+
+
+def autocast_ratios(rounds: int):
+    """float32 time / bfloat16-autocast time of a training step (forward, BCE loss, backward,
+    AdamW) of UNet(1, 1, bilinear=False) at 4x1x256², the ISBI 2012 recipe's shape."""
+    import unet_fast
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 time / "
+          f"bfloat16 autocast time (medians of {rounds} interleaved rounds)")
+    x = torch.randn(4, 1, 256, 256).contiguous(memory_format=torch.channels_last)
+    target = (torch.rand(4, 1, 256, 256) > 0.5).float()
+    for base in (16, 32):
+        fns = {}
+        for dtype in (None, torch.bfloat16):
+            model = unet_fast.UNet(1, 1, base_features=base, bilinear=False)
+            optimizer = torch.optim.AdamW(model.parameters())
+
+            def step(model=model, optimizer=optimizer, dtype=dtype):
+                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                    logits = model(x)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            fns[str(dtype)] = step
+        t = interleaved(fns, rounds, warmup=1, block_seconds=0)
+        print(f"base_features={base}: {t['None'] / t['torch.bfloat16']:.2f}x "
+              f"({t['None']:.3f} s vs {t['torch.bfloat16']:.3f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        pairs = [(mine, theirs) for mine, theirs in zip(self.model.state_dict().values(),
-                                                         model.state_dict().values())]
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
         floating = [pair for pair in pairs if pair[0].is_floating_point()]
         torch._foreach_lerp_([a for a, _ in floating], [b for _, b in floating], 1 - decay)
         for mine, theirs in pairs:

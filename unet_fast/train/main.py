@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--crop", type=int, default=256, help="training crop size")
     data.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"),
                       help="area of the crop taken before resizing it to --crop, as a fraction "
-                           "of the image (the tutorial's 0.5 1.0; (crop/size)^2 keeps the "
-                           "native resolution)")
+                           "of the image (the tutorial's 0.5 1.0); its aspect ratio is drawn "
+                           "from 3/4 to 4/3")
     data.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
                       help="random resized crops (the tutorial's); --no-resize: plain random "
                            "crops at the images' own resolution, --crop-scale unused")

@@ -86,6 +86,16 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
 """)
 
 
+def test_readme_training_commands_parse():
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("#")[0].split()[1:] for line in text.splitlines()
+                if line.startswith("unet-fast train")]
+    assert len(commands) >= 2
+    for argv in commands:
+        args = cli.parser().parse_args(argv)  # an unknown or renamed option exits here
+        assert args.command == "train"
+
+
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     factors = [cosine_factor(step / 100, warmup=0.1) for step in range(101)]
     rising, falling = factors[:11], factors[10:]

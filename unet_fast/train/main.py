@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="cosine: fraction of the run with a linearly rising rate")
     run.add_argument("--patience", type=int, default=defaults.patience,
                      help="early stopping after this many epochs without a better Dice")
-    run.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    run.add_argument("--ema", type=float, default=defaults.ema, metavar="DECAY",
                      help="validate and save an exponential moving average of the weights "
                           "with this decay per step (e.g. 0.99); 0: the weights themselves")
     run.add_argument("--tta", action="store_true",

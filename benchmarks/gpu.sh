@@ -3,12 +3,14 @@
 # (default: all): tests (CUDA and Triton tests natively), bench (benchmarks/gpu_targets.py on
 # the cuda backend against eager and torch.compile, with a profile), triton (the same on the
 # triton backend), suite (the whole test suite), sanitizer (compute-sanitizer over the CUDA
-# kernels' tests). Logs go to $OUT (default ./gpu-out); each stage has its own time limit.
+# kernels' tests), train (`unet-fast train` on CUDA in fp16 with loss scaling and in bf16, then
+# `unet-fast predict` on CUDA). Logs go to $OUT (default ./gpu-out); each stage has its own time
+# limit (SIGINT, so pytest still prints what failed).
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-stages=${STAGES:-tests bench triton suite sanitizer}
+stages=${STAGES:-tests bench triton suite sanitizer train}
 stage() { echo "=== $1 ($(date +%T))"; }
 wanted() { [[ " $stages " == *" $1 "* ]]; }
 
@@ -28,7 +30,7 @@ python3 -c "import unet_fast; print(unet_fast.backends())"
 
 if wanted tests; then
   stage "CUDA and Triton tests"
-  timeout ${TESTS_S:-150} python3 -m pytest tests/test_cuda.py tests/test_triton.py -n 4 -v --tb=line \
+  timeout -s INT ${TESTS_S:-150} python3 -m pytest tests/test_cuda.py tests/test_triton.py -n 4 -v --tb=line \
     -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed|^/|Error" | head -60
 fi
 if wanted bench; then
@@ -43,12 +45,28 @@ if wanted triton; then
 fi
 if wanted suite; then
   stage "whole test suite"
-  timeout ${SUITE_S:-150} python3 -m pytest -q -n 8 -rfE --tb=line -p no:cacheprovider 2>&1 \
-    | tee "$out/suite.log" | grep -E "FAILED|ERROR|passed|failed|Fatal|^/" | head -40
+  timeout -s INT ${SUITE_S:-300} python3 -m pytest -q -n 8 -rfE --tb=line --durations=15 \
+    -p no:cacheprovider 2>&1 \
+    | tee "$out/suite.log" | grep -E "FAILED|ERROR|passed|failed|Fatal|^/|s call" | head -60
 fi
 if wanted sanitizer; then
   stage compute-sanitizer
   timeout ${SANITIZER_S:-90} compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest \
     tests/test_cuda.py -q -k "every_width or vector_and_scalar or crop_concat_on_cuda" 2>&1 | tail -15
+fi
+if wanted train; then
+  stage "training and prediction on CUDA (generated cells)"
+  runs=$(mktemp -d)
+  for precision in fp16 bf16; do
+    timeout ${TRAIN_S:-90} python3 -m unet_fast train --device cuda --precision $precision \
+      --base-features 16 --epochs 2 --epoch-samples 64 --workers 4 --quiet --out "$runs/$precision" \
+      2>&1 | tee "$out/train_$precision.log" | tail -3
+  done
+  python3 -c "from unet_fast.train.data import SyntheticCells; from PIL import Image
+image, _ = SyntheticCells(1, 300, seed=5).load(0)
+Image.fromarray((image[..., 0] * 255).astype('uint8')).save('$runs/cells.png')"
+  timeout 60 python3 -m unet_fast predict "$runs/bf16/best.pt" "$runs/cells.png" --device cuda \
+    --tile 128 --out "$runs/predicted" --quiet 2>&1 | tail -3
+  ls "$runs/predicted"
 fi
 stage done

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Subset
 from unet_fast.train.augment import GREY_MEAN, GREY_STD, IMAGENET_MEAN, normalize, train_transforms, \
     val_transforms
 from unet_fast.train.data import SegmentationFolder, SyntheticCells, default_isbi_root, \
-    find_image_mask_folders, isbi2012, read_image
+    find_image_mask_folders, isbi2012, read_image, seed_transform
 
 
 def save(path, array, mode=None):
@@ -48,6 +48,52 @@ def test_pairs_by_stem_binary_default_and_foreground(tmp_path):
         path.rename(masks / f"{path.stem}_mask.png")
     suffixed = SegmentationFolder(images, masks, mask_suffix="_mask")
     assert suffixed.samples[1].mask.name == "b_mask.png" and torch.equal(suffixed[1][1], mask)
+
+
+def test_cache_keeps_decoded_samples_and_hands_out_copies(tmp_path):
+    images, masks, _ = folder(tmp_path)
+    plain, cached = SegmentationFolder(images, masks), SegmentationFolder(images, masks, cache=True)
+    cached.validate()
+    expected = plain[1]
+    for path in [*images.iterdir(), *masks.iterdir()]:
+        path.write_bytes(b"")  # the cache, not the files, is read from now on
+    with pytest.raises(Exception):
+        plain.load(0)
+    first = cached.load(1)
+    first[0][:] = 7  # a transform writing in place changes nothing cached
+    for got, want in zip(cached[1], expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("symmetry, count", [("dihedral", 8), ("hflip", 2), ("none", 1)])
+def test_augmentation_draws_only_the_symmetry_views(symmetry, count):
+    mask = np.arange(25, dtype=np.int32).reshape(5, 5)  # every pixel tells where it went
+    transform = train_transforms(5, 1, scale=None, elastic_p=0, intensity_p=0, symmetry=symmetry)
+    seed_transform(transform, 0)
+    allowed = {"dihedral": [np.rot90(m, k) for m in (mask, mask[:, ::-1]) for k in range(4)],
+               "hflip": [mask, mask[:, ::-1]], "none": [mask]}[symmetry]
+    seen = set()
+    for _ in range(80):
+        got = transform(image=np.zeros((5, 5, 1), np.float32), mask=mask)["mask"].numpy()
+        matches = [k for k, view in enumerate(allowed) if np.array_equal(got, view)]
+        assert matches, f"{symmetry} drew a view it should not:\n{got}"
+        seen.add(matches[0])
+    assert len(seen) == count
+    with pytest.raises(ValueError, match="symmetry must be one of"):
+        train_transforms(4, 1, symmetry="all")
+
+
+def test_seeded_transforms_draw_independently_and_repeatably():
+    import albumentations as A
+    pipeline = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    mask = np.arange(9, dtype=np.int32).reshape(3, 3)
+
+    def draws(seed):
+        seed_transform(pipeline, seed)
+        return [pipeline(image=np.zeros((3, 3, 1), np.float32), mask=mask)["mask"].tobytes()
+                for _ in range(40)]
+    assert len(set(draws(0))) == 4  # none, either flip alone, both: the flips do not agree
+    assert draws(5) == draws(5) and draws(5) != draws(6)
 
 
 def test_multiclass_mapping_ignore_index_and_subset(tmp_path):
@@ -202,7 +248,7 @@ def as_normalised_image(mask):
 def test_geometric_transforms_move_image_and_mask_together(seed):
     image, mask = blocks(seed, size=(96, 80), side=16)
     transform = train_transforms((64, 48), 1, elastic_p=1.0, intensity_p=0.0)
-    transform.set_random_seed(seed)
+    seed_transform(transform, seed)
     out = transform(image=image, mask=mask)
     assert out["image"].shape == (1, 64, 48) and out["mask"].shape == (64, 48)  # rot90 too
     assert set(out["mask"].unique().tolist()) <= {0, 1, 2}  # nearest: no new values
@@ -219,7 +265,7 @@ def test_flips_and_rotations_are_exact_and_keep_ignore_values():
     transform = train_transforms(32, 1, scale=(1.0, 1.0), elastic_p=0.0, intensity_p=0.0)
     seen = set()
     for seed in range(8):
-        transform.set_random_seed(seed)
+        seed_transform(transform, seed)
         out = transform(image=image, mask=mask)
         torch.testing.assert_close(out["image"][0], as_normalised_image(out["mask"]))
         assert set(out["mask"].unique().tolist()) == {0, 1, 2, 255}
@@ -231,7 +277,7 @@ def test_native_crops_keep_the_images_resolution():
     image, mask = blocks(3, size=(64, 56))
     transform = train_transforms(32, 1, scale=None, elastic_p=0.0, intensity_p=0.0)
     for seed in range(4):
-        transform.set_random_seed(seed)
+        seed_transform(transform, seed)
         out = transform(image=image, mask=mask)
         # not resampled: every pixel is still exactly one block's level (a resized crop blends
         # levels along block edges)
@@ -248,7 +294,7 @@ def test_intensity_transforms_touch_the_image_only():
     square = torch.from_numpy(mask).long()
     dihedral = [torch.rot90(m, k) for m in (square, square.flip(0)) for k in range(4)]
     for seed in range(6):
-        transform.set_random_seed(seed)
+        seed_transform(transform, seed)
         out = transform(image=image, mask=mask)
         assert any(torch.equal(out["mask"], m) for m in dihedral)  # only rotated or flipped
         assert not torch.allclose(out["image"][0], as_normalised_image(out["mask"]), atol=1e-4)

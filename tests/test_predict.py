@@ -39,21 +39,29 @@ def test_one_tile_is_exactly_the_padded_forward_pass(channels, classes, size):
         assert torch.equal(got, forward(model, image))
 
 
-def test_test_time_augmentation_averages_the_eight_views_mapped_back():
+# each symmetry's views as (quarter turns, mirror left-right), listed by hand
+VIEWS = {"dihedral": [(t, f) for t in range(4) for f in (False, True)],
+         "hflip": [(0, False), (0, True)], "none": [(0, False)]}
+
+
+@pytest.mark.parametrize("symmetry", sorted(VIEWS))
+def test_test_time_augmentation_averages_the_views_mapped_back(symmetry):
     model = unet_fast.UNet(1, 2, base_features=4).eval()
     image = torch.randn(1, 40, 56)
     views = []
-    for turns in range(4):
-        for flip in (False, True):
-            view = torch.rot90(image, turns, (1, 2))
-            view = view.flip(2) if flip else view
-            out = predict_tiled(model, view.contiguous(), tile=256)
-            views.append(torch.rot90(out.flip(2) if flip else out, -turns, (1, 2)))
-    got = predict.predict_averaged(model, image, tta=True, tile=256)
+    for turns, flip in VIEWS[symmetry]:
+        view = torch.rot90(image, turns, (1, 2))
+        view = view.flip(2) if flip else view
+        out = predict_tiled(model, view.contiguous(), tile=256)
+        views.append(torch.rot90(out.flip(2) if flip else out, -turns, (1, 2)))
+    got = predict.predict_averaged(model, image, tta=True, symmetry=symmetry, tile=256)
     torch.testing.assert_close(got, torch.stack(views).mean(0))
-    assert not torch.allclose(views[0], views[1])  # the views do differ: the mean means something
+    if len(views) > 1:
+        assert not torch.allclose(views[0], views[1])  # the views differ: the mean means something
     assert torch.equal(predict.predict_averaged(model, image, tile=256),
                        predict_tiled(model, image, tile=256))
+    with pytest.raises(ValueError, match="symmetry must be one of"):
+        predict.predict_averaged(model, image, tta=True, symmetry="rot45")
 
 
 def test_odd_sizes_tiled_keep_their_size_and_channels():
@@ -270,3 +278,20 @@ def test_command_line_writes_outputs_and_reports_one_line_errors(good, capsys):
     args = parser.parse_args([str(path), str(folder / "nope.png"), "--out", str(out)])
     with pytest.raises(ValueError, match="nope.png does not exist"):
         predict.main(args)
+
+
+def test_tta_averages_the_views_the_model_was_trained_under(tmp_path):
+    pixels = grey((40, 40), seed=3)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    path, model = binary_checkpoint(tmp_path, pixels.astype(np.float32) / 255)
+    state = torch.load(path, weights_only=True)
+    image = (torch.from_numpy(pixels.astype(np.float32) / 255)[None] - MEAN) / STD
+    masks = {}
+    for symmetry in ("dihedral", "hflip"):
+        trained = save_checkpoint({**state, "config": {"symmetry": symmetry}},
+                                  tmp_path / f"{symmetry}.pt")
+        written = predict_files(trained, [tmp_path / "a.png"], tmp_path / symmetry, tta=True)
+        masks[symmetry] = np.asarray(Image.open(written[0]))
+        logits = predict.predict_averaged(model, image, True, symmetry)
+        np.testing.assert_array_equal(masks[symmetry], np.where(logits[0] > 0, 0, 255))
+    assert not np.array_equal(masks["dihedral"], masks["hflip"])

@@ -127,7 +127,10 @@ def test_weight_average_follows_the_weights_and_batch_norm_statistics():
         WeightAverage(model, 1.0)
 
 
-def test_validation_with_tta_scores_the_mean_of_the_eight_views():
+@pytest.mark.parametrize("symmetry, views", [
+    ("dihedral", [(t, f) for t in range(4) for f in (False, True)]),
+    ("hflip", [(0, False), (0, True)])])
+def test_validation_with_tta_scores_the_mean_of_the_symmetry_views(symmetry, views):
     torch.manual_seed(0)
     model = unet_fast.UNet(1, 1, base_features=4).eval()
     val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
@@ -135,21 +138,26 @@ def test_validation_with_tta_scores_the_mean_of_the_eight_views():
     images, masks = next(iter(loader))
     loss_fn = losses.bce_loss
     env = fit_module.Distributed("cpu")
-    views = []
+    outputs = []
     with torch.no_grad():
-        for turns in range(4):
-            for flip in (False, True):
-                view = torch.rot90(images, turns, (2, 3))
-                out = model(view.flip(3) if flip else view)
-                views.append(torch.rot90(out.flip(3) if flip else out, -turns, (2, 3)))
-    mean = torch.stack(views).mean(0)
-    assert not torch.allclose(mean, views[0], atol=1e-3)  # the views differ: averaging shows
+        for turns, flip in views:
+            view = torch.rot90(images, turns, (2, 3))
+            out = model(view.flip(3) if flip else view)
+            outputs.append(torch.rot90(out.flip(3) if flip else out, -turns, (2, 3)))
+    mean = torch.stack(outputs).mean(0)
+    assert not torch.allclose(mean, outputs[0], atol=1e-3)  # the views differ: averaging shows
     for tta, logits in ((False, model(images).detach()), (True, mean)):
         loss, dice, _, error = fit_module.validate(model, loader, loss_fn, 2, None, None, env,
-                                                   False, tta=tta)
+                                                   False, tta=tta, symmetry=symmetry)
         labels = metrics.labels_from_logits(logits)
         assert error.item() == pytest.approx((labels != masks).float().mean().item())
         assert loss == pytest.approx(loss_fn(logits, masks).item(), rel=1e-5)
+
+
+def test_unknown_symmetry_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="symmetry must be one of"):
+        tiny_run(tmp_path / "run", 1, symmetry="rot45")
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_a_run_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):

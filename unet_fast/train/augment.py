@@ -14,6 +14,8 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
+from .predict import check_symmetry
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # ImageNet's statistics averaged over RGB
 
@@ -32,9 +34,12 @@ def normalize(channels: int, mean=None, std=None) -> A.Normalize:
 
 def train_transforms(size: int | tuple[int, int], channels: int = 1, *, mean=None, std=None,
                      scale: tuple[float, float] | None = (0.5, 1.0), elastic_p: float = 0.3,
-                     intensity_p: float = 0.5) -> A.Compose:
+                     intensity_p: float = 0.5, symmetry: str = "dihedral") -> A.Compose:
     """Rot90, flips, random resized crop to `size` (H, W) and elastic deformation on image and
     mask; one of brightness/contrast, Gauss noise or blur on the image; normalisation.
+
+    `symmetry`: "dihedral" draws from all 8 flips and rotations (the tutorial's), "hflip" only
+    mirrors left-right, "none" neither (see `predict.SYMMETRIES`).
 
     `scale`: the crop's area as a fraction of the image before resizing (its aspect ratio is
     drawn too); None crops at the image's own resolution: resizing moves a thin structure's
@@ -47,12 +52,14 @@ def train_transforms(size: int | tuple[int, int], channels: int = 1, *, mean=Non
         crop = A.RandomResizedCrop(size=(height, width), scale=scale,  # 1.x: (h, w) positional
                                    interpolation=cv2.INTER_LINEAR,
                                    mask_interpolation=cv2.INTER_NEAREST)
+    # Rotations and flips before the crop, not after as in the tutorial: the same distribution,
+    # but a non-square crop keeps its (H, W) and batches still stack.
+    check_symmetry(symmetry)
+    symmetries = {"dihedral": [A.RandomRotate90(p=0.5), A.HorizontalFlip(p=0.5),
+                               A.VerticalFlip(p=0.5)],
+                  "hflip": [A.HorizontalFlip(p=0.5)], "none": []}
     return A.Compose([
-        # Rotations and flips before the crop, not after as in the tutorial: the same
-        # distribution, but a non-square crop keeps its (H, W) and batches still stack.
-        A.RandomRotate90(p=0.5),
-        A.HorizontalFlip(p=0.5),
-        A.VerticalFlip(p=0.5),
+        *symmetries[symmetry],
         crop,
         # 1.x drew uniform noise and mirrored at the border; 2.x defaults to Gaussian noise (1.7x
         # stronger) and a constant fill, which would paint class 0 into the mask.

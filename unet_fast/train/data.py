@@ -148,6 +148,21 @@ def _sample_tensors(image: np.ndarray, mask: np.ndarray, transform: Callable | N
     return image.float().contiguous(), mask
 
 
+def seed_transform(transform, seed: int) -> None:
+    """Seeds an albumentations pipeline so that each transform in it draws from a stream of its
+    own. albumentations' `set_random_seed` hands every child the same seed, so two transforms
+    that draw alike agree on every sample: HorizontalFlip and VerticalFlip (p=0.5 each) would
+    always flip together and no mirror image would ever be drawn. Others are left alone."""
+    def visit(node, sequence: np.random.SeedSequence) -> None:
+        node.set_random_seed(int(sequence.generate_state(1)[0]))  # a Compose reseeds its
+        children = getattr(node, "transforms", [])                # children: overwritten next
+        for child, child_sequence in zip(children, sequence.spawn(len(children))):
+            if hasattr(child, "set_random_seed"):
+                visit(child, child_sequence)
+    if hasattr(transform, "set_random_seed"):
+        visit(transform, np.random.SeedSequence(seed))
+
+
 class _SegmentationData(Dataset):
     """What both data sets share: the task's shape and how a sample becomes tensors."""
 
@@ -168,12 +183,11 @@ class _SegmentationData(Dataset):
         """albumentations' Compose keeps its own generator, which DataLoader workers inherit
         unchanged: every worker, in every epoch, would draw the same augmentations. Each worker
         reseeds it from its torch seed, which differs per worker and epoch and follows
-        torch.manual_seed. In the main process seed it yourself: transform.set_random_seed."""
+        torch.manual_seed. In the main process seed it yourself: seed_transform."""
         info = get_worker_info()
         if info is None or info.seed == self._worker_seed:
             return
-        if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(info.seed % 2 ** 32)
+        seed_transform(self.transform, info.seed)
         self._worker_seed = info.seed
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +259,9 @@ class SegmentationFolder(_SegmentationData):
     positive class of a binary task). Without it the task is binary with `binary_classes
     (foreground)`. The task is binary when the classes are {0, 1}, unless `binary=False` (two
     classes trained with cross-entropy). Stored values equal to `ignore_index` stay ignored.
-    `indices` picks samples (sorted by name, pages in order) — e.g. `ISBI_TRAIN`.
+    `indices` picks samples (sorted by name, pages in order) — e.g. `ISBI_TRAIN`. `cache=True`
+    keeps each sample once read (decoded and mapped), so later epochs skip the decoding;
+    `validate()` fills it, and DataLoader workers forked after that share it.
 
     File pairing and sizes are checked on construction; mask values when a sample is read, or all
     at once with `validate()`. Problems raise ValueError naming the file (FileNotFoundError for a
@@ -256,7 +272,7 @@ class SegmentationFolder(_SegmentationData):
                  foreground: int | None = None, ignore_index: int | None = None,
                  binary: bool | None = None, channels: int | None = None,
                  transform: Callable | None = None, indices: Sequence[int] | None = None,
-                 mask_suffix: str = ""):
+                 mask_suffix: str = "", cache: bool = False):
         if classes is not None and foreground is not None:
             raise ValueError("give either classes or foreground, not both")
         self.classes = dict(classes) if classes is not None else binary_classes(foreground)
@@ -278,17 +294,23 @@ class SegmentationFolder(_SegmentationData):
                                  f"{len(samples)} samples")
             samples = [samples[i] for i in indices]
         self.samples = samples
+        self._cache = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample `index` before any transform: image H×W×C float32, mask H×W int32 classes."""
+        if self._cache is not None and index in self._cache:  # copies: transforms may write
+            return tuple(array.copy() for array in self._cache[index])
         sample = self.samples[index]
         image = read_image(sample.image, sample.page, self.channels)
         raw = _read_mask(sample.mask, sample.page)
         _check_size(sample, image.shape[:2], raw.shape)
-        return image, map_mask(raw, self.classes, self.ignore_index, str(sample.mask))
+        mask = map_mask(raw, self.classes, self.ignore_index, str(sample.mask))
+        if self._cache is not None:
+            self._cache[index] = image.copy(), mask.copy()
+        return image, mask
 
     def validate(self) -> None:
         """Read every sample once, raising the first problem (unexpected mask values, ...)."""

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
 from . import checkpoint, losses, metrics
-from .predict import dihedral_mean
+from .data import seed_transform
+from .predict import check_symmetry, symmetric_mean
 
 LOSSES = {"bce": losses.bce_loss, "dice": losses.dice_loss, "bce_dice": losses.bce_dice_loss,
           "ce": losses.cross_entropy_loss}
@@ -46,7 +47,8 @@ class TrainConfig:
     resume: bool = False
     sync_bn: bool = False  # distributed: BatchNorm statistics across all processes
     ema: float = 0.0  # > 0: validate and save an exponential moving average of the weights
-    tta: bool = False  # validate on the mean over 8 flips and rotations (the paper's averaging)
+    tta: bool = False  # validate on the mean over the symmetry's views (the paper's averaging)
+    symmetry: str = "dihedral"  # flips and rotations of augmentation and tta: see SYMMETRIES
     time_limit: float | None = None  # minutes of training (over resumes): no epoch starts after
     progress: bool = True
 
@@ -195,15 +197,15 @@ def _seed_epoch(config: TrainConfig, epoch: int, train_set) -> torch.Generator:
     seed = config.seed * 100003 + epoch
     torch.manual_seed(seed)
     transform = getattr(train_set, "transform", None)
-    if hasattr(transform, "set_random_seed"):  # in-process loading; workers reseed themselves
-        transform.set_random_seed(seed % 2 ** 32)
+    seed_transform(transform, seed)  # in-process loading; workers reseed themselves
     return torch.Generator().manual_seed(seed)
 
 
 def validate(model, loader, loss_fn, num_classes, ignore_index, autocast_dtype, env: Distributed,
-             channels_last: bool, tta: bool = False):
+             channels_last: bool, tta: bool = False, symmetry: str = "dihedral"):
     """(loss, per-class Dice, IoU, pixel error) over the whole validation set (all ranks); with
-    `tta` of the logits averaged over the images' 8 flips and 90-degree rotations."""
+    `tta` of the logits averaged over the images' views under `symmetry` (all 8 flips and
+    90-degree rotations for "dihedral")."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=env.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)
@@ -212,7 +214,7 @@ def validate(model, loader, loss_fn, num_classes, ignore_index, autocast_dtype, 
             images, masks = _to_device(images, masks, env.device, channels_last)
             with torch.autocast(env.device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                logits = dihedral_mean(model, images) if tta else model(images)
+                logits = symmetric_mean(model, images, symmetry) if tta else model(images)
             logits = logits.float()
             loss_sum += torch.stack([loss_fn(logits, masks).double() * len(images),
                                      torch.tensor(float(len(images)), device=env.device)])
@@ -256,6 +258,7 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    check_symmetry(config.symmetry)
     if config.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be plateau or cosine, not {config.schedule!r}")
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
@@ -336,7 +339,8 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
         train_loss = env.sum(torch.tensor([total, seen], dtype=torch.float64, device=env.device))
         val_loss, dice, iou, error = validate(evaluated, val_loader, loss_fn, num_classes,
                                               ignore_index, autocast_dtype, env,
-                                              config.channels_last, config.tta)
+                                              config.channels_last, config.tta,
+                                              config.symmetry)
         score = _foreground_mean(dice, val_set.binary)
         if config.schedule == "plateau":
             scheduler.step(score)

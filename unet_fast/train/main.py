@@ -7,6 +7,7 @@ import torch
 
 from .. import models
 from .fit import LOSSES, PRECISIONS, TrainConfig, fit
+from .predict import SYMMETRIES
 
 MODELS = {"unet": models.unet.UNet, "attention_unet": models.variants.AttentionUNet,
           "resunet": models.variants.ResUNet, "unet++": models.variants.UNetPlusPlus}
@@ -35,7 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="probability of the elastic deformation (the tutorial's 0.3)")
     data.add_argument("--intensity-p", type=float, default=0.5,
                       help="probability of one of brightness/contrast, noise, blur (0.5)")
+    data.add_argument("--symmetry", default="dihedral", choices=sorted(SYMMETRIES),
+                      help="flips and rotations the labels are symmetric under, drawn in "
+                           "training and averaged by --tta: dihedral, all 8 (the tutorial's); "
+                           "hflip, left-right mirroring only (labels offset up or down, as "
+                           "ISBI 2012's); none")
     data.add_argument("--epoch-samples", type=int, help="training samples per epoch")
+    data.add_argument("--cache-mb", type=float, default=2048, metavar="MB",
+                      help="keep the decoded images and masks in memory when they fit in this "
+                           "many megabytes (0: decode every sample every epoch)")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="unet", choices=sorted(MODELS))
     model.add_argument("--base-features", type=int, default=32)
@@ -67,8 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="validate and save an exponential moving average of the weights "
                           "with this decay per step (e.g. 0.99); 0: the weights themselves")
     run.add_argument("--tta", action="store_true",
-                     help="validate on the mean over each image's 8 flips and 90-degree "
-                          "rotations (the paper's averaging; 8 times the validation work)")
+                     help="validate on the mean over each image's views under --symmetry (all 8 "
+                          "flips and rotations by default: the paper's averaging; 8 times the "
+                          "validation work)")
     run.add_argument("--time-limit", type=float, metavar="MINUTES",
                      help="start no epoch after this many minutes of training (a resumed "
                           "run counts the time before it)")
@@ -89,7 +99,8 @@ def datasets(args):
 
     def augment(channels):
         return train_transforms(args.crop, channels, scale=args.crop_scale if args.resize else None,
-                                elastic_p=args.elastic_p, intensity_p=args.intensity_p)
+                                elastic_p=args.elastic_p, intensity_p=args.intensity_p,
+                                symmetry=args.symmetry)
     if args.data is None:
         channels = 1
         train = SyntheticCells(64, args.crop, seed=args.seed, transform=augment(1))
@@ -104,13 +115,16 @@ def datasets(args):
         if not 0 < val_count < count:
             raise ValueError(f"{count} samples in {image_dir} cannot leave {val_count} for "
                              "validation and some for training")
-        channels = read_image(everything.samples[0].image, everything.samples[0].page).shape[2]
+        first = read_image(everything.samples[0].image, everything.samples[0].page)
+        channels = first.shape[2]
+        # float32 image + int32 mask per pixel, the first sample's size taken for all
+        options["cache"] = count * first[..., 0].size * 4 * (channels + 1) <= args.cache_mb * 2 ** 20
         train = SegmentationFolder(image_dir, mask_dir, indices=range(count - val_count),
                                    transform=augment(channels), **options)
         val = SegmentationFolder(image_dir, mask_dir, indices=range(count - val_count, count),
                                  transform=val_transforms(channels), **options)
-        for part in (train, val):  # unexpected mask values fail now, not in epoch 7
-            part.validate()
+        for part in (train, val):  # unexpected mask values fail now, not in epoch 7 (and the
+            part.validate()        # cache is filled before any DataLoader worker forks)
         by_class = {}
         for value, index in sorted(everything.classes.items(), reverse=True):
             by_class[index] = value

@@ -164,26 +164,42 @@ def predict_tiled(model, image: torch.Tensor, tile: int = 256, overlap: int = 32
     return (total / norm)[:, :height, :width].to(image.device)
 
 
-def dihedral_mean(predict, image: torch.Tensor) -> torch.Tensor:
-    """The mean of `predict` over the image's 8 flips and 90-degree rotations (of its last two
-    axes), each result mapped back: the paper's averaging over rotated inputs."""
+# The flips and 90-degree rotations a task is symmetric under, as (quarter turns, mirror the last
+# axis): the training augmentation and the views --tta averages. "hflip" keeps up and down, for
+# labels that are not symmetric under the rest (ISBI 2012's sit about half a pixel above the
+# membranes they mark).
+SYMMETRIES = {"dihedral": [(turns, flip) for turns in range(4) for flip in (False, True)],
+              "hflip": [(0, False), (0, True)],
+              "none": [(0, False)]}
+
+
+def check_symmetry(symmetry: str) -> None:
+    if symmetry not in SYMMETRIES:
+        raise ValueError(f"symmetry must be one of {sorted(SYMMETRIES)}, not {symmetry!r}")
+
+
+def symmetric_mean(predict, image: torch.Tensor, symmetry: str = "dihedral") -> torch.Tensor:
+    """The mean of `predict` over the image's views under `symmetry` (of its last two axes),
+    each result mapped back; "dihedral", the 8 flips and rotations, is the paper's averaging
+    over rotated inputs."""
+    check_symmetry(symmetry)
     total = 0
-    for turns in range(4):
-        for flip in (False, True):
-            view = torch.rot90(image, turns, (-2, -1))
-            view = view.flip(-1) if flip else view
-            result = predict(view.contiguous())
-            result = result.flip(-1) if flip else result
-            total = total + torch.rot90(result, -turns, (-2, -1))
-    return total / 8
+    for turns, flip in SYMMETRIES[symmetry]:
+        view = torch.rot90(image, turns, (-2, -1))
+        view = view.flip(-1) if flip else view
+        result = predict(view.contiguous())
+        result = result.flip(-1) if flip else result
+        total = total + torch.rot90(result, -turns, (-2, -1))
+    return total / len(SYMMETRIES[symmetry])
 
 
-def predict_averaged(model, image: torch.Tensor, tta: bool = False, **tiling) -> torch.Tensor:
-    """predict_tiled, or with tta=True its mean over the image's 8 flips and 90-degree
-    rotations (on ISBI 2012 this lowers the pixel error by about 8%)."""
+def predict_averaged(model, image: torch.Tensor, tta: bool = False, symmetry: str = "dihedral",
+                     **tiling) -> torch.Tensor:
+    """predict_tiled, or with tta=True its mean over the image's views under `symmetry` (on
+    ISBI 2012 the 8 flips and rotations lower the pixel error by about 8%)."""
     if not tta:
         return predict_tiled(model, image, **tiling)
-    return dihedral_mean(lambda view: predict_tiled(model, view, **tiling), image)
+    return symmetric_mean(lambda view: predict_tiled(model, view, **tiling), image, symmetry)
 
 # ----------------------------------------------------------------------------- files
 
@@ -355,7 +371,8 @@ def predict_files(checkpoint, inputs, out_dir, *, tile: int = 256, overlap: int 
 
     Images are read and normalised as the checkpoint's "data" entry records. Binary masks hold
     `foreground_value` for the positive class and the other of 0/255 elsewhere; multi-class
-    masks hold `class_values[argmax]`. `device` None picks CUDA when present.
+    masks hold `class_values[argmax]`. `device` None picks CUDA when present. `tta` averages
+    the views the model was trained under (the checkpoint's `symmetry`).
 
     Grey and RGB images are converted to the model's channel count as training reads them.
     Errors, raised before anything is written: FileNotFoundError for a missing input,
@@ -377,6 +394,7 @@ def predict_files(checkpoint, inputs, out_dir, *, tile: int = 256, overlap: int 
     outputs = _outputs(samples, out_dir)
     _output_folder(out_dir)
     transform = val_transforms(data["channels"], mean=data["mean"], std=data["std"])
+    symmetry = state.get("config", {}).get("symmetry", "dihedral")  # --tta: the training's views
 
     written = []
     for (path, page, _), (mask_path, overlay_path) in zip(
@@ -384,7 +402,7 @@ def predict_files(checkpoint, inputs, out_dir, *, tile: int = 256, overlap: int 
             outputs):
         image = _read(path, page, data["channels"])
         x = transform(image=image)["image"]
-        logits = predict_averaged(model, x, tta, tile=tile, overlap=overlap,
+        logits = predict_averaged(model, x, tta, symmetry, tile=tile, overlap=overlap,
                                   batch_size=batch_size).cpu()
         classes, mask = _mask_values(logits, data)
         _save_png(mask, mask_path)
@@ -415,7 +433,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda "
                         "when present, else cpu)")
     parser.add_argument("--tta", action="store_true",
-                        help="average the 8 flips and 90-degree rotations of each image")
+                        help="average each image's flips and 90-degree rotations: the views "
+                             "the model was trained with (--symmetry; all 8 by default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -52,9 +52,9 @@ def train_transforms(size: int | tuple[int, int], channels: int = 1, *, mean=Non
         crop = A.RandomResizedCrop(size=(height, width), scale=scale,  # 1.x: (h, w) positional
                                    interpolation=cv2.INTER_LINEAR,
                                    mask_interpolation=cv2.INTER_NEAREST)
+    check_symmetry(symmetry)
     # Rotations and flips before the crop, not after as in the tutorial: the same distribution,
     # but a non-square crop keeps its (H, W) and batches still stack.
-    check_symmetry(symmetry)
     symmetries = {"dihedral": [A.RandomRotate90(p=0.5), A.HorizontalFlip(p=0.5),
                                A.VerticalFlip(p=0.5)],
                   "hflip": [A.HorizontalFlip(p=0.5)], "none": []}

@@ -77,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "with this decay per step (e.g. 0.99); 0: the weights themselves")
     run.add_argument("--tta", action="store_true",
                      help="validate on the mean over each image's views under --symmetry (all 8 "
-                          "flips and rotations by default: the paper's averaging; 8 times the "
-                          "validation work)")
+                          "flips and rotations by default: the paper's averaging; the validation "
+                          "work times the number of views)")
     run.add_argument("--time-limit", type=float, metavar="MINUTES",
                      help="start no epoch after this many minutes of training (a resumed "
                           "run counts the time before it)")

@@ -201,6 +201,7 @@ def predict_averaged(model, image: torch.Tensor, tta: bool = False, symmetry: st
         return predict_tiled(model, image, **tiling)
     return symmetric_mean(lambda view: predict_tiled(model, view, **tiling), image, symmetry)
 
+
 # ----------------------------------------------------------------------------- files
 
 def _device(name) -> torch.device:

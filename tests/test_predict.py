@@ -295,3 +295,22 @@ def test_tta_averages_the_views_the_model_was_trained_under(tmp_path):
         logits = predict.predict_averaged(model, image, True, symmetry)
         np.testing.assert_array_equal(masks[symmetry], np.where(logits[0] > 0, 0, 255))
     assert not np.array_equal(masks["dihedral"], masks["hflip"])
+
+
+def test_a_learnt_label_offset_moves_the_predicted_mask(tmp_path):
+    pixels = grey((40, 48), seed=4)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    path, _ = binary_checkpoint(tmp_path, pixels.astype(np.float32) / 255)
+    state = torch.load(path, weights_only=True)
+    down = torch.zeros(1, 1, 3, 3)
+    down[0, 0, 0, 1] = 1  # out[y] = logits[y - 1]: the mask one row lower
+    shifted = save_checkpoint({**state, "offset": {"weight": down}}, tmp_path / "offset.pt")
+    plain = np.asarray(Image.open(predict_files(path, [tmp_path / "a.png"], tmp_path / "p")[0]))
+    moved = np.asarray(Image.open(predict_files(shifted, [tmp_path / "a.png"], tmp_path / "o")[0]))
+    np.testing.assert_array_equal(moved[1:], plain[:-1])
+    np.testing.assert_array_equal(moved[0], plain[0])  # the edge row replicated
+    broken = save_checkpoint({**state, "offset": {"weight": torch.zeros(2, 1, 3, 3)}},
+                             tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="label offset does not fit the model's 1 outputs"):
+        predict_files(broken, [tmp_path / "a.png"], tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from unet_fast.train import losses, metrics
 from unet_fast.train.augment import train_transforms, val_transforms
 from unet_fast.train.data import SyntheticCells
 from unet_fast.train.fit import TrainConfig, WeightAverage, cosine_factor, fit
+from unet_fast.train.offset import LabelOffset, OffsetModel
 
 ROOT = Path(__file__).parents[1]
 
@@ -29,7 +31,8 @@ ROOT = Path(__file__).parents[1]
 def tiny_run(out, epochs, resume=False, **options):
     torch.manual_seed(0)
     model = unet_fast.UNet(1, 1, base_features=4)
-    train = SyntheticCells(8, 48, seed=1, transform=train_transforms(32, 1))
+    views = "none" if options.get("learn_offset") else "dihedral"  # learn_offset draws them
+    train = SyntheticCells(8, 48, seed=1, transform=train_transforms(32, 1, symmetry=views))
     val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
     config = TrainConfig(out=str(out), epochs=epochs, batch_size=4, resume=resume, progress=False,
                          **options)
@@ -37,7 +40,8 @@ def tiny_run(out, epochs, resume=False, **options):
     return model, history
 
 
-@pytest.mark.parametrize("options", [{}, {"schedule": "cosine", "ema": 0.9}])
+@pytest.mark.parametrize("options", [{}, {"schedule": "cosine", "ema": 0.9},
+                                     {"ema": 0.9, "learn_offset": True}])
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch, options):
     straight, history = tiny_run(tmp_path / "straight", 3, **options)
     write_log = fit_module.write_log
@@ -65,6 +69,10 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch,
     if options.get("ema"):
         assert not torch.equal(saved["state_dict"]["inc.double_conv.0.weight"],
                                saved["train_state_dict"]["inc.double_conv.0.weight"])
+    for key in ("offset", "train_offset"):
+        assert (key in saved) == bool(options.get("learn_offset"))
+        if key in saved:
+            torch.testing.assert_close(saved[key], straight_saved[key], rtol=0, atol=0)
     assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0
     model, _ = checkpoint.load_model(tmp_path / "resumed" / "best.pt")
     assert model.init_kwargs["base_features"] == 4
@@ -147,11 +155,65 @@ def test_validation_with_tta_scores_the_mean_of_the_symmetry_views(symmetry, vie
     mean = torch.stack(outputs).mean(0)
     assert not torch.allclose(mean, outputs[0], atol=1e-3)  # the views differ: averaging shows
     for tta, logits in ((False, model(images).detach()), (True, mean)):
-        loss, dice, _, error = fit_module.validate(model, loader, loss_fn, 2, None, None, env,
+        loss, dice, _, error = fit_module.validate(OffsetModel(model), loader, loss_fn, 2, None, None, env,
                                                    False, tta=tta, symmetry=symmetry)
         labels = metrics.labels_from_logits(logits)
         assert error.item() == pytest.approx((labels != masks).float().mean().item())
         assert loss == pytest.approx(loss_fn(logits, masks).item(), rel=1e-5)
+
+
+class LowerLabels(SyntheticCells):
+    """Cells whose membrane labels sit one row below the membranes."""
+
+    def load(self, index):
+        image, mask = super().load(index)
+        return image, np.concatenate([mask[:1], mask[:-1]])
+
+
+def test_offset_model_scores_each_view_in_the_samples_own_orientation():
+    torch.manual_seed(0)
+    model = unet_fast.UNet(1, 1, base_features=4).eval()
+    offset = LabelOffset(1)
+    with torch.no_grad():
+        offset.weight.copy_(torch.randn(1, 1, 3, 3))
+    images = torch.randn(3, 1, 32, 32)
+    views = [(1, True), (2, False), (3, True)]
+    with torch.no_grad():
+        got = OffsetModel(model, offset)(images, views)
+        for image, (turns, flip), out in zip(images, views, got):
+            view = torch.rot90(image[None], turns, (2, 3))
+            logits = model(view.flip(3) if flip else view)
+            back = torch.rot90(logits.flip(3) if flip else logits, -turns, (2, 3))
+            padded = torch.nn.functional.pad(back, (1, 1, 1, 1), mode="replicate")
+            torch.testing.assert_close(out, torch.nn.functional.conv2d(padded, offset.weight)[0])
+        torch.testing.assert_close(OffsetModel(model, LabelOffset(1))(images), model(images))
+    with pytest.raises(ValueError, match="quarter turns of \\(32, 48\\) crops"):
+        OffsetModel(model)(torch.randn(2, 1, 32, 48), [(1, False), (0, False)])
+
+
+def test_learn_offset_finds_labels_one_row_below_the_membranes(tmp_path):
+    torch.manual_seed(0)
+    model = unet_fast.UNet(1, 1, base_features=4)
+    train = LowerLabels(16, 64, seed=1, transform=train_transforms(48, 1, symmetry="none"))
+    val = LowerLabels(2, 64, seed=2, transform=val_transforms(1))
+    config = TrainConfig(out=str(tmp_path), epochs=6, batch_size=4, lr=1e-2, learn_offset=True,
+                         progress=False)
+    fit(model, train, val, config, {"channels": 1})
+    saved = checkpoint.load_checkpoint(tmp_path / "last.pt")
+    offset = LabelOffset(1)
+    offset.load_state_dict(saved["offset"])
+    rows, columns = offset.shift()[0].tolist()
+    assert rows < -0.2 and abs(columns) < abs(rows) / 2  # out[y] takes from logits[y - 1]
+
+
+def test_learn_offset_refuses_a_transform_that_turns(tmp_path):
+    model = unet_fast.UNet(1, 1, base_features=4)
+    train = SyntheticCells(8, 48, seed=1, transform=train_transforms(32, 1, symmetry="hflip"))
+    val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
+    with pytest.raises(ValueError, match="must not \\(HorizontalFlip\\)"):
+        fit(model, train, val, TrainConfig(out=str(tmp_path / "run"), learn_offset=True,
+                                           progress=False))
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_unknown_symmetry_is_refused_before_training(tmp_path):

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from . import checkpoint, losses, metrics
 from .data import seed_transform
-from .predict import check_symmetry, symmetric_mean
+from .offset import LabelOffset, OffsetModel, check_transform_keeps_orientation
+from .predict import SYMMETRIES, check_symmetry
 
 LOSSES = {"bce": losses.bce_loss, "dice": losses.dice_loss, "bce_dice": losses.bce_dice_loss,
           "ce": losses.cross_entropy_loss}
@@ -49,6 +50,8 @@ class TrainConfig:
     ema: float = 0.0  # > 0: validate and save an exponential moving average of the weights
     tta: bool = False  # validate on the mean over the symmetry's views (the paper's averaging)
     symmetry: str = "dihedral"  # flips and rotations of augmentation and tta: see SYMMETRIES
+    learn_offset: bool = False  # the loop draws the views and learns the labels' offset: see
+    #                             offset.py (the training transform must not flip or rotate)
     time_limit: float | None = None  # minutes of training (over resumes): no epoch starts after
     progress: bool = True
 
@@ -201,8 +204,8 @@ def _seed_epoch(config: TrainConfig, epoch: int, train_set) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def validate(model, loader, loss_fn, num_classes, ignore_index, autocast_dtype, env: Distributed,
-             channels_last: bool, tta: bool = False, symmetry: str = "dihedral"):
+def validate(model: OffsetModel, loader, loss_fn, num_classes, ignore_index, autocast_dtype,
+             env: Distributed, channels_last: bool, tta: bool = False, symmetry: str = "dihedral"):
     """(loss, per-class Dice, IoU, pixel error) over the whole validation set (all ranks); with
     `tta` of the logits averaged over the images' views under `symmetry` (all 8 flips and
     90-degree rotations for "dihedral")."""
@@ -214,7 +217,7 @@ def validate(model, loader, loss_fn, num_classes, ignore_index, autocast_dtype, 
             images, masks = _to_device(images, masks, env.device, channels_last)
             with torch.autocast(env.device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                logits = symmetric_mean(model, images, symmetry) if tta else model(images)
+                logits = model.predict(images, tta, symmetry)
             logits = logits.float()
             loss_sum += torch.stack([loss_fn(logits, masks).double() * len(images),
                                      torch.tensor(float(len(images)), device=env.device)])
@@ -257,8 +260,14 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
     model = model.to(env.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     check_symmetry(config.symmetry)
+    offset = None
+    if config.learn_offset:
+        check_transform_keeps_orientation(getattr(train_set, "transform", None))
+        offset = LabelOffset(model.num_classes).to(env.device)
+    trained = OffsetModel(model, offset)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     if config.schedule not in ("plateau", "cosine"):
         raise ValueError(f"schedule must be plateau or cosine, not {config.schedule!r}")
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
@@ -268,6 +277,11 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
     if config.resume:
         saved = checkpoint.load_checkpoint(out / "last.pt", env.device)
         model.load_state_dict(saved.get("train_state_dict", saved["state_dict"]))
+        if (offset is None) != ("offset" not in saved):
+            raise ValueError(f"{out / 'last.pt'} was trained with{'' if offset is None else 'out'}"
+                             " --learn-offset: resume it as it was started")
+        if offset is not None:
+            offset.load_state_dict(saved.get("train_offset", saved["offset"]))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
@@ -276,14 +290,16 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
     if config.sync_bn and env.world > 1:
         from ..nn import convert_sync_batchnorm
         convert_sync_batchnorm(model)
-    average = WeightAverage(model, config.ema) if config.ema else None
+    average = WeightAverage(trained, config.ema) if config.ema else None
     if average is not None and config.resume:
-        average.model.load_state_dict(saved["state_dict"])
-    evaluated = average.model if average is not None else model  # validated and saved
-    network = model
+        average.model.model.load_state_dict(saved["state_dict"])
+        if offset is not None:
+            average.model.offset.load_state_dict(saved["offset"])
+    evaluated = average.model if average is not None else trained  # validated and saved
+    network = trained
     if env.world > 1:
         network = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            trained, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     val_loader = DataLoader(Subset(val_set, range(env.rank, len(val_set), env.world)),
                             batch_size=config.batch_size, num_workers=config.workers)
     num_classes = val_set.num_classes
@@ -311,6 +327,7 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
         epoch_start, total, seen = time.monotonic(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=not (config.progress and env.main))
+        views = SYMMETRIES[config.symmetry] if config.learn_offset else None
         for step, (images, masks) in enumerate(bar):
             if config.schedule == "cosine":
                 # the run ends after --epochs or --time-limit, whichever comes first; the
@@ -321,9 +338,11 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * cosine_factor(progress, config.warmup)
             images, masks = _to_device(images, masks, env.device, config.channels_last)
+            drawn = None if views is None else [views[i] for i in
+                                                torch.randint(len(views), (len(images),)).tolist()]
             with torch.autocast(env.device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
-                logits = network(images)
+                logits = network(images, drawn)
             loss = loss_fn(logits.float(), masks)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"epoch {epoch}: the loss became {loss.item()}; lower "
@@ -333,7 +352,7 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
             scaler.step(optimizer)
             scaler.update()
             if average is not None:
-                average.update(model, (epoch - 1) * len(loader) + step)
+                average.update(trained, (epoch - 1) * len(loader) + step)
             total, seen = total + loss.item() * len(images), seen + len(images)
             bar.set_postfix(loss=f"{loss.item():.4f}")
         train_loss = env.sum(torch.tensor([total, seen], dtype=torch.float64, device=env.device))
@@ -359,9 +378,13 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
             tqdm.write(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss "
                        f"{row['val_loss']:.4f}, Dice {score:.4f}, pixel error {row['val_pixel_error']:.4f}"
                        + (" (best)" if improved else ""))
-            weights = {"state_dict": evaluated.state_dict()}
+            weights = {"state_dict": evaluated.model.state_dict()}
+            if offset is not None:
+                weights["offset"] = evaluated.offset.state_dict()
             if average is not None:  # what training goes on from when resumed
                 weights["train_state_dict"] = model.state_dict()
+                if offset is not None:
+                    weights["train_offset"] = offset.state_dict()
             snapshot = {**info, **weights, "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "rng": checkpoint.rng_state(), **state}

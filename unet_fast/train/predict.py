@@ -167,7 +167,7 @@ def predict_tiled(model, image: torch.Tensor, tile: int = 256, overlap: int = 32
 # The flips and 90-degree rotations a task is symmetric under, as (quarter turns, mirror the last
 # axis): the training augmentation and the views --tta averages. "hflip" keeps up and down, for
 # labels that are not symmetric under the rest (ISBI 2012's sit about half a pixel above the
-# membranes they mark).
+# membranes they mark; --learn-offset keeps all 8 views and learns the offset, see offset.py).
 SYMMETRIES = {"dihedral": [(turns, flip) for turns in range(4) for flip in (False, True)],
               "hflip": [(0, False), (0, True)],
               "none": [(0, False)]}
@@ -178,18 +178,27 @@ def check_symmetry(symmetry: str) -> None:
         raise ValueError(f"symmetry must be one of {sorted(SYMMETRIES)}, not {symmetry!r}")
 
 
+def turn(image: torch.Tensor, view: tuple[int, bool]) -> torch.Tensor:
+    """`image` (..., H, W) seen from `view`: (quarter turns, then mirror the last axis)."""
+    turns, flip = view
+    image = torch.rot90(image, turns, (-2, -1))
+    return image.flip(-1) if flip else image
+
+
+def turn_back(result: torch.Tensor, view: tuple[int, bool]) -> torch.Tensor:
+    """The inverse of `turn`: a result computed on the view, in the image's orientation."""
+    turns, flip = view
+    return torch.rot90(result.flip(-1) if flip else result, -turns, (-2, -1))
+
+
 def symmetric_mean(predict, image: torch.Tensor, symmetry: str = "dihedral") -> torch.Tensor:
     """The mean of `predict` over the image's views under `symmetry` (of its last two axes),
     each result mapped back; "dihedral", the 8 flips and rotations, is the paper's averaging
     over rotated inputs."""
     check_symmetry(symmetry)
     total = 0
-    for turns, flip in SYMMETRIES[symmetry]:
-        view = torch.rot90(image, turns, (-2, -1))
-        view = view.flip(-1) if flip else view
-        result = predict(view.contiguous())
-        result = result.flip(-1) if flip else result
-        total = total + torch.rot90(result, -turns, (-2, -1))
+    for view in SYMMETRIES[symmetry]:
+        total = total + turn_back(predict(turn(image, view).contiguous()), view)
     return total / len(SYMMETRIES[symmetry])
 
 
@@ -373,7 +382,8 @@ def predict_files(checkpoint, inputs, out_dir, *, tile: int = 256, overlap: int 
     Images are read and normalised as the checkpoint's "data" entry records. Binary masks hold
     `foreground_value` for the positive class and the other of 0/255 elsewhere; multi-class
     masks hold `class_values[argmax]`. `device` None picks CUDA when present. `tta` averages
-    the views the model was trained under (the checkpoint's `symmetry`).
+    the views the model was trained under (the checkpoint's `symmetry`); a learnt label offset
+    (`--learn-offset`) is applied to the logits.
 
     Grey and RGB images are converted to the model's channel count as training reads them.
     Errors, raised before anything is written: FileNotFoundError for a missing input,
@@ -385,11 +395,13 @@ def predict_files(checkpoint, inputs, out_dir, *, tile: int = 256, overlap: int 
     from tqdm import tqdm
 
     from .augment import val_transforms
+    from .offset import load_offset
 
     files = _collect(inputs)
     device = _device(device)
     model, state = load_model(checkpoint, map_location=device)
     data = _data_entry(state, checkpoint, model)
+    offset = load_offset(state, model.num_classes, checkpoint)
     samples = _samples(files, data["channels"])
     out_dir = Path(out_dir)
     outputs = _outputs(samples, out_dir)
@@ -404,7 +416,11 @@ def predict_files(checkpoint, inputs, out_dir, *, tile: int = 256, overlap: int 
         image = _read(path, page, data["channels"])
         x = transform(image=image)["image"]
         logits = predict_averaged(model, x, tta, symmetry, tile=tile, overlap=overlap,
-                                  batch_size=batch_size).cpu()
+                                  batch_size=batch_size)
+        if offset is not None:  # the labels' learnt offset (--learn-offset)
+            with torch.inference_mode():
+                logits = offset(logits[None])[0]
+        logits = logits.cpu()
         classes, mask = _mask_values(logits, data)
         _save_png(mask, mask_path)
         _save_png(overlay(image, classes), overlay_path)

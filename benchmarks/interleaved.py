@@ -113,15 +113,16 @@ def unet_ratios(rounds: int):
 
 def autocast_ratios(rounds: int):
     """float32 time / bfloat16-autocast time of a training step (forward, BCE loss, backward,
-    AdamW) of UNet(1, 1, bilinear=False) at 4x1x256², the ISBI 2012 recipe's shape."""
+    AdamW) of UNet(1, 1, bilinear=False) at 4x1x256², the ISBI 2012 recipe's shape, and each
+    width's bfloat16 step against base 16's (widths off the 16-lane grid run slower per FLOP)."""
     import unet_fast
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 time / "
           f"bfloat16 autocast time (medians of {rounds} interleaved rounds)")
     x = torch.randn(4, 1, 256, 256).contiguous(memory_format=torch.channels_last)
     target = (torch.rand(4, 1, 256, 256) > 0.5).float()
-    for base in (16, 32):
-        fns = {}
+    bases, fns = (12, 16, 32), {}
+    for base in bases:
         for dtype in (None, torch.bfloat16):
             model = unet_fast.UNet(1, 1, base_features=base, bilinear=False)
             optimizer = torch.optim.AdamW(model.parameters())
@@ -133,10 +134,13 @@ def autocast_ratios(rounds: int):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            fns[str(dtype)] = step
-        t = interleaved(fns, rounds, warmup=1, block_seconds=0)
-        print(f"base_features={base}: {t['None'] / t['torch.bfloat16']:.2f}x "
-              f"({t['None']:.3f} s vs {t['torch.bfloat16']:.3f} s)", flush=True)
+            fns[base, dtype] = step
+    t = interleaved(fns, rounds, warmup=1, block_seconds=0)
+    for base in bases:
+        bf16 = t[base, torch.bfloat16]
+        print(f"base_features={base}: {t[base, None] / bf16:.2f}x ({t[base, None]:.3f} s vs "
+              f"{bf16:.3f} s); bfloat16 step {bf16 / t[16, torch.bfloat16]:.2f}x base 16's",
+              flush=True)
 
 
 if __name__ == "__main__":

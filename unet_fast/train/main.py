@@ -39,8 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--symmetry", default="dihedral", choices=sorted(SYMMETRIES),
                       help="flips and rotations the labels are symmetric under, drawn in "
                            "training and averaged by --tta: dihedral, all 8 (the tutorial's); "
-                           "hflip, left-right mirroring only (labels offset up or down, as "
-                           "ISBI 2012's); none")
+                           "hflip, left-right mirroring only; none")
     data.add_argument("--learn-offset", action="store_true",
                       help="learn a constant offset of the labels from the images (ISBI 2012's "
                            "sit 0.6 pixels above the membranes), which flips and rotations would "

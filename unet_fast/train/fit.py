@@ -310,6 +310,7 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
     def elapsed() -> float:  # seconds of this run so far, the runs it resumes included
         return before + time.monotonic() - started
     info = {"config": asdict(config), "data": data_info or {}, "model": checkpoint.model_spec(model)}
+    views = SYMMETRIES[config.symmetry] if config.learn_offset else None  # drawn per sample
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         if budget is not None and elapsed() > budget:
             break
@@ -327,7 +328,6 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
         epoch_start, total, seen = time.monotonic(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=not (config.progress and env.main))
-        views = SYMMETRIES[config.symmetry] if config.learn_offset else None
         for step, (images, masks) in enumerate(bar):
             if config.schedule == "cosine":
                 # the run ends after --epochs or --time-limit, whichever comes first; the

@@ -32,7 +32,19 @@ def locate_cuda_home():
             return
 
 
+def use_torchs_compiler():
+    """Compile and link with torch's C++ compiler ($CXX, else `c++`, as its JIT builds do), not
+    the one Python was built with: an image whose Python came from another GCC linked that GCC's
+    libstdc++ statically into the extension, and its first TORCH_CHECK message segfaulted."""
+    if os.name == "nt":
+        return
+    for var, default in (("CC", "cc"), ("CXX", "c++")):
+        if var not in os.environ and shutil.which(default):
+            os.environ[var] = default
+
+
 locate_cuda_home()  # before torch.utils.cpp_extension reads it
+use_torchs_compiler()  # before setuptools reads the compiler from sysconfig
 
 try:
     import torch

@@ -1,4 +1,7 @@
 """What was built, and how a backend is chosen."""
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -13,6 +16,17 @@ def test_cpu_extension_is_built_and_registered():
     assert info["default"]["cpu"] == {"crop_concat": "cpu", "conv_bn_relu": "cpu"}
     for kernel in ("crop_concat", "batch_norm_relu", "batch_norm_relu_backward", "conv_bias_relu"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CPU")
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_extension_uses_the_shared_libstdcxx():
+    # A private static copy of libstdc++ (linked by another GCC) crashed formatting the first
+    # TORCH_CHECK message; the extension must import std::ostream from the process's libstdc++.
+    from unet_fast import _C
+    symbols = subprocess.run(["nm", "-D", _C.__file__], capture_output=True, text=True,
+                             check=True).stdout.split("\n")
+    insert_long = [line.split() for line in symbols if "_ZNSo9_M_insertIlEERSoT_" in line]
+    assert insert_long and all(fields[0] == "U" for fields in insert_long), insert_long
 
 
 def test_gpu_entry_matches_the_machine():

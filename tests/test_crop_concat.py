@@ -114,6 +114,21 @@ def test_bad_input_raises_a_clear_error(make, error, message):
         unet_fast.crop_concat(*make(skip, up))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_promotes_mixed_dtypes_as_cat_does(device):
+    # CUDA's autocast upsamples in float32 while the skip is bfloat16 (U-Net++'s decoder).
+    skip, up, size = inputs(GEOMETRIES[1], device=device)
+    skip = skip.bfloat16().requires_grad_()
+    up.requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = unet_fast.crop_concat(skip, up, size)
+        expected = reference.crop_concat(skip.float(), up, size)
+    assert out.dtype == torch.cat([skip[..., :1, :1], up[..., :1, :1]], 1).dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert skip.grad.dtype == torch.bfloat16 and up.grad.dtype == torch.float32
+
+
 def test_direct_op_call_checks_inputs_in_cpp():
     skip, up, size = inputs(GEOMETRIES[3])
     with pytest.raises(RuntimeError, match="batch sizes differ"):

@@ -17,8 +17,10 @@ def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[in
     """Concatenate [skip, up] on channels after fitting both to `size` (default: skip's H, W).
 
     Odd differences split like F.pad(x, [d // 2, d - d // 2]). The output follows skip's memory
-    format (contiguous or channels_last).
+    format (contiguous or channels_last). Under torch.autocast, mixed floating dtypes are promoted
+    to the wider one, as torch.cat's are (CUDA's autocast runs bilinear upsampling in float32).
     """
+    skip, up = _autocast_promote(skip, up)
     check_tensors("crop_concat", skip=skip, up=up)
     size = check_size("crop_concat", skip.shape[-2:] if size is None else size)
     chosen = _backend.resolve(backend, skip.device, "crop_concat")
@@ -27,6 +29,15 @@ def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[in
     if chosen == "triton":
         return _backend.triton_ops().crop_concat(skip, up, list(size))
     return torch.ops.unet_fast.crop_concat(skip, up, size)
+
+
+def _autocast_promote(skip, up):
+    if (isinstance(skip, torch.Tensor) and isinstance(up, torch.Tensor) and skip.dtype != up.dtype
+            and skip.is_floating_point() and up.is_floating_point()
+            and torch.is_autocast_enabled(skip.device.type)):
+        dtype = torch.promote_types(skip.dtype, up.dtype)
+        return skip.to(dtype), up.to(dtype)
+    return skip, up
 
 
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """What was built, and how a backend is chosen."""
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ def test_cpu_extension_is_built_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CPU")
 
 
-@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None,
+                    reason="libstdc++ and binutils' nm: Linux")
 def test_extension_uses_the_shared_libstdcxx():
     # A private static copy of libstdc++ (linked by another GCC) crashed formatting the first
     # TORCH_CHECK message; the extension must import std::ostream from the process's libstdc++.

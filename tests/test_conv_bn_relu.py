@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import unet_fast
-from conftest import LAYOUTS, assert_bf16_within_rule, assert_close, layout
+from tests.helpers import LAYOUTS, assert_bf16_within_rule, assert_close, layout
 from unet_fast import ops, reference
 
 # (N, C_in, C_out, H, W, padding)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import unet_fast
-from conftest import DEVICES, layout
+from tests.helpers import DEVICES, layout
 from unet_fast import reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import unet_fast
-from conftest import LAYOUTS, assert_histories_close, layout, training_history
+from tests.helpers import LAYOUTS, assert_histories_close, layout, training_history
 from unet_fast import ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -67,7 +67,7 @@ def test_unet_on_cuda_matches_reference(dtype):
 def test_bfloat16_unet_on_gpu_within_the_rule(x_layout, backend, training):
     """A bfloat16 UNet on each GPU backend: RMS error against float64 at most twice the
     reference's own bfloat16 error (DESIGN.md's rule), outputs and parameter gradients."""
-    from conftest import assert_bf16_within_rule, bf16_rule_runs
+    from tests.helpers import assert_bf16_within_rule, bf16_rule_runs
     ours = unet_fast.UNet(3, 2, base_features=8, bilinear=False, backend=backend)
     ref = reference.UNet(3, 2, base_features=8, bilinear=False)
     ref.load_state_dict(ours.state_dict())

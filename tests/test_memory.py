@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import tutorial_unet
+from tests import tutorial_unet
 import unet_fast
 from unet_fast.bench import saved_bytes
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import tutorial_unet
-from conftest import assert_close, assert_histories_close, training_history
+from tests import tutorial_unet
+from tests.helpers import assert_close, assert_histories_close, training_history
 from unet_fast.nn import CropConcat, FusedConvBNReLU, FusedDoubleConv
 from unet_fast import reference
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tutorial_unet
+from tests import tutorial_unet
 from unet_fast import reference
 
 

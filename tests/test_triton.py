@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import unet_fast
-from conftest import LAYOUTS, assert_close, layout
+from tests.helpers import LAYOUTS, assert_close, layout
 from unet_fast import _backend, ops, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_ops = _backend.triton_ops()
+ops.load_triton()  # registers the triton_ops (opcheck calls them by name)
 
 
 def bn_inputs(shape=(2, 5, 7, 9), x_layout="contiguous"):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-import tutorial_unet
+from tests import tutorial_unet
 import unet_fast
-from conftest import assert_close, assert_histories_close, training_history
+from tests.helpers import assert_close, assert_histories_close, training_history
 from unet_fast import reference
 from unet_fast.nn import FusedDoubleConv
 
@@ -152,7 +152,7 @@ def test_pytorch_unet_checkpoints_with_and_without_conv_biases(bilinear, tmp_pat
 
 @pytest.mark.parametrize("training", [True, False])
 def test_bfloat16_model_within_the_rule(training):
-    from conftest import assert_bf16_within_rule, bf16_rule_runs
+    from tests.helpers import assert_bf16_within_rule, bf16_rule_runs
 
     ours, ref = twins(torch.float64, bilinear=False)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import unet_fast
-from conftest import assert_bf16_within_rule, assert_close
+from tests.helpers import assert_bf16_within_rule, assert_close
 from unet_fast import reference
 
 

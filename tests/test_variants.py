@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import unet_fast
-from conftest import assert_histories_close, training_history
+from tests.helpers import assert_histories_close, training_history
 from unet_fast.nn import FusedDoubleConv, FusedSequential
 
 VARIANTS = [

@@ -15,7 +15,8 @@ NAMES = ("auto", "cpu", "cuda", "triton", "reference")
 REQUIRES = {
     "crop_concat": ("crop_concat", "crop_concat_backward"),
     "conv_bn_relu": ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_apply",
-                     "conv_bias_relu"),
+                     "conv_bn_relu", "double_conv"),
+    "conv_bias_relu": ("conv_bias_relu",),
 }
 
 try:
@@ -77,13 +78,6 @@ def triton_runs_on(device: torch.device) -> bool:
                                      os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def triton_ops():
-    """The Triton backend's ops, imported (and their kernels decorated) on first use."""
-    from .triton import ops
-
-    return ops
-
-
 def triton_version():
     return importlib.util.find_spec("triton") and __import__("triton").__version__
 
@@ -92,7 +86,7 @@ def backends() -> dict:
     """What was built and which backend each op uses by default on each device.
 
     >>> unet_fast.backends()["default"]["cpu"]
-    {'crop_concat': 'cpu', 'conv_bn_relu': 'cpu'}
+    {'crop_concat': 'cpu', 'conv_bn_relu': 'cpu', 'conv_bias_relu': 'cpu'}
     """
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {

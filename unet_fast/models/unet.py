@@ -7,7 +7,6 @@ from torch.utils.checkpoint import checkpoint
 from .. import _backend, ops, reference
 from ..ops import recompute
 from ..fuse import fuse
-from .geometry import check_input
 
 
 class FusedModel:
@@ -90,7 +89,7 @@ class UNet(FusedModel, reference.UNet):
         return block.conv(ops.crop_concat(skip, x, size, backend=self.backend))
 
     def forward(self, x):
-        check_input(x, self.in_channels, self.padding)
+        reference.check_input(x, self.in_channels, self.padding)
         x, fmt = self.layout(x)
         skips = [self.encode(0, x)]
         for level in range(1, 5):

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..reference import DoubleConv
-from .geometry import check_input
+from ..reference import DoubleConv, check_input
 from .unet import FusedModel, UNet
 
 

@@ -8,9 +8,11 @@ weights until any conv/BN tensor changes (tracked by tensor versions), so train 
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import _backend, ops
+from .._common import fold
 from ..ops import recompute
 from .sync_batch_norm import sync_batch_norm_relu
 
@@ -72,7 +74,7 @@ class FoldedWeights:
                     for t in sources) + (bn.eps, x.shape, x.dtype, x.device, prepacked)
         if key != self.key:
             with torch.no_grad():
-                weight, bias = ops.fold(*sources, bn.eps)
+                weight, bias = fold(*sources, bn.eps)
                 self.value = (prepack(weight, x, conv.padding[0]) if prepacked else weight), bias
             self.key = key
         return self.value
@@ -211,3 +213,17 @@ class FusedDoubleConv(FusedSequential):
             skip, recipe, up, size, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
             mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias, mode2[1], mode2[2],
             mode1[3], mode2[3], bn1.eps, bn2.eps, conv1.padding[0])
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Makes every fused Conv-BN-ReLU of `model` synchronise its BatchNorm statistics across
+    `process_group` (default: all processes) in training, like
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm; returns the model."""
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, FusedSequential):
+            module.sync_group = process_group if process_group is not None else dist.group.WORLD
+            converted += 1
+    if not converted:
+        raise ValueError(f"{type(model).__name__} has no fused Conv-BN-ReLU to synchronise")
+    return model

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _backend
-from ..ops.conv_bn_relu import bn_affine, update_running_stats
+from .._common import bn_affine, stats_dtype, update_running_stats
 
 
 def _channels(t: torch.Tensor) -> torch.Tensor:
@@ -18,12 +18,12 @@ def _channels(t: torch.Tensor) -> torch.Tensor:
 
 def _apply(y, weight, bias, mean, invstd):
     """relu(bn(y)) with given statistics: the fused kernel where one is built, else ATen."""
-    stats_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-    mean, invstd = mean.to(stats_dtype), invstd.to(stats_dtype)
+    acc = stats_dtype(y)
+    mean, invstd = mean.to(acc), invstd.to(acc)
     if _backend.resolve("auto", y.device, "conv_bn_relu") in ("cpu", "cuda"):
         return torch.ops.unet_fast.batch_norm_relu_apply(y, weight, bias, mean, invstd)
     scale, shift = bn_affine(mean, invstd, weight, bias)
-    return torch.relu(y * _channels(scale.to(stats_dtype)) + _channels(shift.to(stats_dtype))).to(y.dtype)
+    return torch.relu(y * _channels(scale.to(acc)) + _channels(shift.to(acc))).to(y.dtype)
 
 
 class SyncBatchNormReLU(torch.autograd.Function):
@@ -55,7 +55,7 @@ class SyncBatchNormReLU(torch.autograd.Function):
     def backward(ctx, grad_out, _mean, _var):
         y, weight, bias, mean, invstd = ctx.saved_tensors
         scale, shift = bn_affine(mean, invstd, weight, bias)
-        compute = torch.float64 if y.dtype == torch.float64 else torch.float32
+        compute = stats_dtype(y)
         y_c = y.to(compute)
         # the forward kernel's mask: y scale + shift > 0 with float coefficients
         mask = y_c * _channels(scale.to(compute)) + _channels(shift.to(compute)) > 0
@@ -80,18 +80,3 @@ def sync_batch_norm_relu(y, weight, bias, eps, running_mean, running_var, moment
     out, mean, var = SyncBatchNormReLU.apply(y, weight, bias, eps, group)
     update_running_stats(running_mean, running_var, mean, var, momentum, 1)
     return out
-
-
-def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
-    """Makes every fused Conv-BN-ReLU of `model` synchronise its BatchNorm statistics across
-    `process_group` (default: all processes) in training, like
-    torch.nn.SyncBatchNorm.convert_sync_batchnorm; returns the model."""
-    from .conv_bn_relu import FusedSequential
-    converted = 0
-    for module in model.modules():
-        if isinstance(module, FusedSequential):
-            module.sync_group = process_group if process_group is not None else dist.group.WORLD
-            converted += 1
-    if not converted:
-        raise ValueError(f"{type(model).__name__} has no fused Conv-BN-ReLU to synchronise")
-    return model

@@ -1,5 +1,18 @@
 """The fused ops: validate inputs, then dispatch to the chosen backend's kernel."""
-from .conv_bn_relu import batch_norm_relu, conv_bias_relu, conv_bn_relu, double_conv, fold
+from .._common import fold
+from .conv_bias_relu import conv_bias_relu
+from .conv_bias_relu import triton_kernels as _triton_conv_bias_relu
+from .conv_bn_relu import batch_norm_relu, conv_bn_relu, double_conv
+from .conv_bn_relu import triton_kernels as _triton_conv_bn_relu
 from .crop_concat import crop_concat
+from .crop_concat import triton_kernels as _triton_crop_concat
 
-__all__ = ["batch_norm_relu", "conv_bias_relu", "conv_bn_relu", "crop_concat", "double_conv", "fold"]
+__all__ = ["batch_norm_relu", "conv_bias_relu", "conv_bn_relu", "crop_concat", "double_conv",
+           "fold", "load_triton"]
+
+
+def load_triton() -> None:
+    """Imports every Triton op now (registering them and their autograd) rather than on first
+    use; set TRITON_INTERPRET=1 before, to run them on the CPU."""
+    for load in (_triton_conv_bias_relu, _triton_conv_bn_relu, _triton_crop_concat):
+        load()

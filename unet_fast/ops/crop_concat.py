@@ -9,7 +9,23 @@ from typing import Optional, Sequence
 import torch
 
 from .. import _backend, reference
+from .._common import empty_like_layout
 from ._checks import check_size, check_tensors
+
+
+_triton_kernels = None
+
+
+def triton_kernels():
+    """unet_fast.triton.crop_concat, imported (kernels decorated, autograd registered) on first
+    use."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        from ..triton import crop_concat as kernels
+
+        kernels.crop_concat.register_autograd(_triton_backward, setup_context=_setup_context)
+        _triton_kernels = kernels
+    return _triton_kernels
 
 
 def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[int]] = None, *,
@@ -27,7 +43,7 @@ def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[in
     if chosen == "reference":
         return reference.crop_concat(skip, up, size)
     if chosen == "triton":
-        return _backend.triton_ops().crop_concat(skip, up, list(size))
+        return triton_kernels().crop_concat(skip, up, list(size))
     return torch.ops.unet_fast.crop_concat(skip, up, size)
 
 
@@ -40,19 +56,14 @@ def _autocast_promote(skip, up):
     return skip, up
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    fmt = torch._prims_common.suggest_memory_format(like)
-    return like.new_empty(shape).contiguous(memory_format=fmt)
-
-
 def _fake_crop_concat(skip, up, size):
-    return _empty((skip.shape[0], skip.shape[1] + up.shape[1], *size), skip)
+    return empty_like_layout(skip, (skip.shape[0], skip.shape[1] + up.shape[1], *size))
 
 
 def _fake_crop_concat_backward(grad, skip_channels, skip_size, up_size):
     n, c = grad.shape[:2]
-    return (_empty((n, skip_channels, *skip_size), grad),
-            _empty((n, c - skip_channels, *up_size), grad))
+    return (empty_like_layout(grad, (n, skip_channels, *skip_size)),
+            empty_like_layout(grad, (n, c - skip_channels, *up_size)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -64,6 +75,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     grad_skip, grad_up = torch.ops.unet_fast.crop_concat_backward(
         grad, ctx.skip_channels, ctx.skip_size, ctx.up_size)
+    return grad_skip, grad_up, None
+
+
+def _triton_backward(ctx, grad):
+    grad_skip, grad_up = _triton_kernels.crop_concat_backward(
+        grad, ctx.skip_channels, list(ctx.skip_size), list(ctx.up_size))
     return grad_skip, grad_up, None
 
 

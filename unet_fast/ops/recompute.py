@@ -9,7 +9,9 @@ and for the decoder's concatenation + double conv (which would otherwise keep th
 import torch
 import torch.nn.functional as F
 
-from .conv_bn_relu import _autocast, check_double_conv, update_running_stats
+from .._common import update_running_stats
+from ._checks import autocast_inputs
+from .conv_bn_relu import check_double_conv
 
 unet_fast = torch.ops.unet_fast
 
@@ -79,7 +81,7 @@ def join_double_conv(skip, recipe, up, size, weight1, bias1, bn_weight1, bn_bias
                      running_var2, momentum1, momentum2, eps1, eps2, padding):
     """Training-mode double_conv(crop_concat(skip, up, size)) for a `skip` that is a double conv's
     output with `recipe`: keeps `up` and the recipe for backward instead of the concatenation."""
-    up, weight1, bias1, weight2, bias2 = _autocast(up, weight1, bias1, weight2, bias2)
+    up, weight1, bias1, weight2, bias2 = autocast_inputs(up, weight1, bias1, weight2, bias2)
     check_double_conv(skip.new_zeros(()).expand(skip.shape[0], skip.shape[1] + up.shape[1], *size),
                       weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
                       weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2, padding)

@@ -3,11 +3,10 @@
 // Forward and backward are three launches each. Activations are dense in their memory format:
 // NHWC kernels give each thread a fixed group of channels (coefficients stay in registers), NCHW
 // kernels a fixed plane; both use 16-byte vector accesses where channels (NHWC) or planes (NCHW)
-// allow and compute no per-element division. The eval convolution is cuDNN's with the ReLU in place.
+// allow and compute no per-element division.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -468,14 +467,6 @@ at::Tensor batch_norm_relu_apply_cuda(const at::Tensor& y_in, const Optional& we
   return out;
 }
 
-// Eval mode: cuDNN convolution with the folded bias, then the ReLU in place.
-at::Tensor conv_bias_relu_cuda(const at::Tensor& x, const at::Tensor& weight, const Optional& bias,
-                               int64_t padding) {
-  return at::convolution(x, weight, bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
-      .relu_()
-      .contiguous(x.suggest_memory_format());
-}
-
 }  // namespace
 }  // namespace unet_fast
 
@@ -483,5 +474,4 @@ TORCH_LIBRARY_IMPL(unet_fast, CUDA, m) {
   m.impl("batch_norm_relu", &unet_fast::batch_norm_relu_cuda);
   m.impl("batch_norm_relu_backward", &unet_fast::batch_norm_relu_backward_cuda);
   m.impl("batch_norm_relu_apply", &unet_fast::batch_norm_relu_apply_cuda);
-  m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cuda);
 }

@@ -1,14 +1,11 @@
 // BatchNorm (batch statistics) + ReLU on the CPU, fused: forward = one statistics pass and one
 // normalise+ReLU pass over y; backward = one reduction pass and one gradient pass. The ReLU mask
 // is recomputed from y, so nothing but y, mean and invstd is kept for backward.
-// Also the eval-mode convolution with BatchNorm folded in and the ReLU fused (oneDNN post-op).
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -202,30 +199,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type)};
 }
 
-// Eval mode: relu(conv2d(x, w, b)) with BatchNorm already folded into w and b. oneDNN applies
-// the ReLU as a post-op of the convolution; other dtypes get conv + in-place ReLU.
-at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const Optional& bias,
-                              int64_t padding) {
-  const bool onednn = at::globalContext().userEnabledMkldnn() &&
-                      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
-  if (onednn) {
-    static auto pointwise = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
-                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const Optional&,
-                                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                                  int64_t, c10::string_view,
-                                                  c10::List<std::optional<at::Scalar>>,
-                                                  std::optional<c10::string_view>)>();
-    return pointwise
-        .call(x, weight, bias, {padding, padding}, {1, 1}, {1, 1}, 1, "relu",
-              c10::List<std::optional<at::Scalar>>(), "")
-        .contiguous(x.suggest_memory_format());  // as the fake kernel says, whatever oneDNN picks
-  }
-  return at::convolution(x, weight, bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
-      .relu_()
-      .contiguous(x.suggest_memory_format());
-}
-
 }  // namespace
 }  // namespace unet_fast
 
@@ -233,10 +206,4 @@ TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
   m.impl("batch_norm_relu", &unet_fast::batch_norm_relu_cpu);
   m.impl("batch_norm_relu_backward", &unet_fast::batch_norm_relu_backward_cpu);
   m.impl("batch_norm_relu_apply", &unet_fast::batch_norm_relu_apply_cpu);
-  m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cpu);
-}
-
-// Eval-mode weights prepacked in oneDNN's blocked layout (an MkldnnCPU tensor) dispatch here.
-TORCH_LIBRARY_IMPL(unet_fast, MkldnnCPU, m) {
-  m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cpu);
 }

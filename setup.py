@@ -8,6 +8,7 @@ Environment:
   DEBUG=1                 -O0 -g instead of -O3
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
+
 import glob
 import os
 import platform
@@ -50,8 +51,10 @@ try:
     import torch
     from torch.utils import cpp_extension
 except ImportError:  # pragma: no cover - explained to the user, not handled
-    sys.exit("unet_fast builds against the installed torch: `pip install torch==2.14.1` first, "
-             "then `pip install --no-build-isolation .`")
+    sys.exit(
+        "unet_fast builds against the installed torch: `pip install torch==2.14.1` first, "
+        "then `pip install --no-build-isolation .`"
+    )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
@@ -91,8 +94,16 @@ def cpu_isa():
     return isa, {
         "default": [],
         "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-        "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                   "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+        "avx512": [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+            "-mf16c",
+            "-DCPU_CAPABILITY=AVX512",
+            "-DCPU_CAPABILITY_AVX512",
+        ],
     }[isa]
 
 
@@ -126,11 +137,20 @@ def extensions():
     print("unet_fast build configuration:", flush=True)
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"  CPU kernels: on, ISA {isa}, {'debug -O0 -g' if DEBUG else '-O3'}, OpenMP")
-    print(f"  CUDA kernels: {'on' if with_cuda else 'off'} ({why})"
-          + (f", archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else ""))
-    return [ext_cls("unet_fast._C", sources, include_dirs=include_dirs,
-                    extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                    define_macros=[("UNET_FAST_WITH_CUDA", "1" if with_cuda else "0")])]
+    print(
+        f"  CUDA kernels: {'on' if with_cuda else 'off'} ({why})"
+        + (f", archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else "")
+    )
+    return [
+        ext_cls(
+            "unet_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+            define_macros=[("UNET_FAST_WITH_CUDA", "1" if with_cuda else "0")],
+        )
+    ]
 
 
 setup(

@@ -1,7 +1,9 @@
-"""BN+ReLU, double_conv (training memory and eval speed): fused vs reference, both layouts.
+"""BN+ReLU and double_conv in training: fused vs reference, both layouts (eval speed:
+bench_conv_bias_relu.py).
 
-    pytest benchmarks/bench_conv_bn_relu.py --benchmark-only
+pytest benchmarks/bench_conv_bn_relu.py --benchmark-only
 """
+
 import copy
 
 import pytest
@@ -82,20 +84,3 @@ def test_double_conv_training(benchmark, case, layout, impl, device):
         model(x).sum().backward()
 
     benchmark(synchronized(step, device))
-
-
-@pytest.mark.parametrize("impl", ["fused", "reference"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("device", DEVICES)
-def test_double_conv_eval(benchmark, case, layout, impl, device):
-    """Inference: BatchNorm folded into the convs, ReLU fused (fused) vs the module as written."""
-    benchmark.group = f"double_conv eval {device} {case} {layout}"
-    x = activation(case, layout, device).detach()
-    model = double_conv_pair(x.shape[1])[impl].eval().to(device, memory_format=LAYOUTS[layout])
-
-    def run():
-        with torch.no_grad():
-            model(x)
-
-    benchmark(synchronized(run, device))

@@ -1,12 +1,13 @@
 """crop_concat forward (+ backward) vs F.pad / slicing + torch.cat, both layouts.
 
-    pytest benchmarks/bench_crop_concat.py --benchmark-only
+pytest benchmarks/bench_crop_concat.py --benchmark-only
 """
+
 import pytest
 import torch
+from bench_conv_bn_relu import DEVICES, synchronized
 
 import unet_fast
-from bench_conv_bn_relu import DEVICES, synchronized
 from unet_fast import reference
 
 # U-Net-sized skips: (N, C, H, W) of skip and up, and the target size

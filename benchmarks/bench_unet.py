@@ -6,6 +6,7 @@ bfloat16 (the tutorial under torch.autocast). Weights shared.
 
 On a GPU the timed functions end with torch.cuda.synchronize().
 """
+
 import copy
 import sys
 from pathlib import Path
@@ -35,8 +36,10 @@ def model_and_input(impl, mode, dtype, device="cpu"):
         return model, x, False
     model = copy.deepcopy(tutorial)
     if impl == "tutorial_channels_last":
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(
-            memory_format=torch.channels_last)
+        model, x = (
+            model.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
     return model, x, dtype == "bfloat16"  # the tutorial runs bfloat16 under autocast
 
 

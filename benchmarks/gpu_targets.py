@@ -7,6 +7,7 @@ plain device copy of the same bytes.
 
 Each round runs every variant once in turn (CUDA events around each call); medians are reported.
 """
+
 import argparse
 import copy
 import json
@@ -27,6 +28,7 @@ import tutorial_unet  # noqa: E402
 
 def timer(device):
     """Seconds taken by fn(), with CUDA events on a GPU."""
+
     def cuda_time(fn):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -39,6 +41,7 @@ def timer(device):
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
     return cuda_time if device.type == "cuda" else cpu_time
 
 
@@ -60,6 +63,7 @@ def training_step(model, x):
         loss.backward()
         for p in model.parameters():
             p.grad = None
+
     return step
 
 
@@ -67,6 +71,7 @@ def inference(model, x):
     def run():
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16):
             model(x)
+
     return run
 
 
@@ -94,13 +99,19 @@ def bandwidth(device, dtype, rounds: int) -> dict:
     cat_bytes = 2 * 2 * y.numel() * y.element_size()
     fns = {
         "copy": lambda: copy_dst.copy_(y),
-        "batch_norm_relu_apply": lambda: torch.ops.unet_fast.batch_norm_relu_apply(y, g, b, mean, invstd),
+        "batch_norm_relu_apply": lambda: torch.ops.unet_fast.batch_norm_relu_apply(
+            y, g, b, mean, invstd
+        ),
         "crop_concat": lambda: ops.crop_concat(y, up, (512, 512)),
         "torch.cat (reference)": lambda: torch.cat([y, up], 1),
     }
     times = interleaved(fns, rounds, 3, device)
-    moved = {"copy": 2 * y.numel() * y.element_size(), "batch_norm_relu_apply": 2 * y.numel() * y.element_size(),
-             "crop_concat": cat_bytes, "torch.cat (reference)": cat_bytes}
+    moved = {
+        "copy": 2 * y.numel() * y.element_size(),
+        "batch_norm_relu_apply": 2 * y.numel() * y.element_size(),
+        "crop_concat": cat_bytes,
+        "torch.cat (reference)": cat_bytes,
+    }
     return {name: moved[name] / t / 1e9 for name, t in times.items()}
 
 
@@ -112,8 +123,11 @@ def profile(name, fn, device, rows: int = 12):
             fn()
         torch.cuda.synchronize(device)
     print(f"--- {name}: 3 training steps, top kernels by device time")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows,
-                                    max_name_column_width=70))
+    print(
+        prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70
+        )
+    )
 
 
 def main():
@@ -125,33 +139,48 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["cuda", "triton"])
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--profile", action="store_true",
-                        help="print each model's top kernels of a training step (torch.profiler)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print each model's top kernels of a training step (torch.profiler)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device(args.device)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "shape": [args.batch, 3, args.size, args.size], "dtype": "bfloat16 (autocast)"}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "shape": [args.batch, 3, args.size, args.size],
+        "dtype": "bfloat16 (autocast)",
+    }
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     variants = models(args, device)
     for mode, make in (("training step", training_step), ("inference", inference)):
-        fns = {name: make(model, x) for name, model in variants.items()
-               if not (mode == "inference" and name == "compiled")}
+        fns = {
+            name: make(model, x)
+            for name, model in variants.items()
+            if not (mode == "inference" and name == "compiled")
+        }
         times = interleaved(fns, args.rounds, args.warmup, device)
-        result[mode] = {name: {"ms": t * 1e3, "speedup vs eager": times["eager"] / t}
-                        for name, t in times.items()}
+        result[mode] = {
+            name: {"ms": t * 1e3, "speedup vs eager": times["eager"] / t}
+            for name, t in times.items()
+        }
         if "compiled" in times:
             for name, t in times.items():
                 result[mode][name]["speedup vs compiled"] = times["compiled"] / t
     with torch.autocast(device.type, dtype=torch.bfloat16):
         eager_saved = saved_bytes(variants["eager"], x)
         result["saved bytes vs eager"] = {
-            name: saved_bytes(model, x) / eager_saved for name, model in variants.items()
-            if name.startswith("unet_fast")}
+            name: saved_bytes(model, x) / eager_saved
+            for name, model in variants.items()
+            if name.startswith("unet_fast")
+        }
     if device.type == "cuda":
         result["bandwidth GB/s (bf16, 8x64x512x512, channels_last)"] = bandwidth(
-            device, torch.bfloat16, args.rounds)
+            device, torch.bfloat16, args.rounds
+        )
         result["peak memory GiB"] = torch.cuda.max_memory_allocated() / 2**30
     if args.profile:
         for name, model in variants.items():

@@ -6,15 +6,16 @@ reference version one after the other, and the ratio is of the medians.
 
     python benchmarks/interleaved.py [--rounds 15] [--unet | --autocast]
 """
+
 import argparse
 import statistics
 import time
 
-import torch
-
+import bench_conv_bias_relu as eval_cases
 import bench_conv_bn_relu as conv_cases
 import bench_crop_concat as crop_cases
 import bench_unet
+import torch
 
 
 def interleaved(fns: dict, rounds: int, warmup: int = 2, block_seconds: float = 0.05) -> dict:
@@ -58,28 +59,40 @@ def case_fns(test, **params):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--unet", action="store_true",
-                        help="the UNet targets instead: unet_fast vs the tutorial's model")
-    parser.add_argument("--autocast", action="store_true",
-                        help="a training step in float32 vs under bfloat16 autocast instead")
+    parser.add_argument(
+        "--unet",
+        action="store_true",
+        help="the UNet targets instead: unet_fast vs the tutorial's model",
+    )
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="a training step in float32 vs under bfloat16 autocast instead",
+    )
     args = parser.parse_args()
     if args.unet:
         return unet_ratios(args.rounds)
     if args.autocast:
         return autocast_ratios(args.rounds)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference time / fused time "
-          f"(medians of {args.rounds} interleaved rounds)")
-    suites = [("BN+ReLU fwd+bwd", conv_cases.test_bn_relu_forward_backward, conv_cases.CASES),
-              ("double_conv eval", conv_cases.test_double_conv_eval, conv_cases.CASES),
-              ("double_conv train step", conv_cases.test_double_conv_training, conv_cases.CASES),
-              ("crop_concat forward", crop_cases.test_crop_concat_forward, crop_cases.CASES)]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference time / fused time "
+        f"(medians of {args.rounds} interleaved rounds)"
+    )
+    suites = [
+        ("BN+ReLU fwd+bwd", conv_cases.test_bn_relu_forward_backward, conv_cases.CASES),
+        ("double_conv eval", eval_cases.test_double_conv_eval, conv_cases.CASES),
+        ("double_conv train step", conv_cases.test_double_conv_training, conv_cases.CASES),
+        ("crop_concat forward", crop_cases.test_crop_concat_forward, crop_cases.CASES),
+    ]
     for title, test, cases in suites:
         for case in cases:
             for layout in ("nchw", "nhwc"):
                 params = {"case": case, "device": "cpu"}
                 if test is crop_cases.test_crop_concat_forward:
                     params["channels_last"] = layout == "nhwc"
+                elif test is eval_cases.test_double_conv_eval:
+                    params.update(layout=layout, autocast=False)
                 else:
                     params["layout"] = layout
                 fns, info = case_fns(test, **params)
@@ -95,15 +108,19 @@ def unet_ratios(rounds: int):
     """Tutorial time / unet_fast time for UNet(3, 2, bilinear=False), and saved-bytes ratios."""
     from unet_fast.bench import saved_bytes
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tutorial UNet time / "
-          f"unet_fast.UNet time (medians of {rounds} interleaved rounds)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; tutorial UNet time / "
+        f"unet_fast.UNet time (medians of {rounds} interleaved rounds)"
+    )
     for mode in ("inference", "train"):
         for dtype in ("float32", "bfloat16"):
             fns = {impl: bench_unet.step_fn(impl, mode, dtype)[0] for impl in bench_unet.IMPLS}
             t = interleaved(fns, rounds, warmup=1, block_seconds=0)
-            print(f"{mode:9} {dtype:8}: vs tutorial NCHW {t['tutorial'] / t['fused']:.2f}x, "
-                  f"vs tutorial channels_last {t['tutorial_channels_last'] / t['fused']:.2f}x",
-                  flush=True)
+            print(
+                f"{mode:9} {dtype:8}: vs tutorial NCHW {t['tutorial'] / t['fused']:.2f}x, "
+                f"vs tutorial channels_last {t['tutorial_channels_last'] / t['fused']:.2f}x",
+                flush=True,
+            )
     saved = {}
     for impl in ("fused", "tutorial"):
         _, model, x = bench_unet.step_fn(impl, "train", "float32")
@@ -117,8 +134,10 @@ def autocast_ratios(rounds: int):
     width's bfloat16 step against base 16's (widths off the 16-lane grid run slower per FLOP)."""
     import unet_fast
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 time / "
-          f"bfloat16 autocast time (medians of {rounds} interleaved rounds)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 time / "
+        f"bfloat16 autocast time (medians of {rounds} interleaved rounds)"
+    )
     x = torch.randn(4, 1, 256, 256).contiguous(memory_format=torch.channels_last)
     target = (torch.rand(4, 1, 256, 256) > 0.5).float()
     bases, fns = (12, 16, 32), {}
@@ -128,19 +147,24 @@ def autocast_ratios(rounds: int):
             optimizer = torch.optim.AdamW(model.parameters())
 
             def step(model=model, optimizer=optimizer, dtype=dtype):
-                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                with torch.autocast(
+                    "cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None
+                ):
                     logits = model(x)
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+
             fns[base, dtype] = step
     t = interleaved(fns, rounds, warmup=1, block_seconds=0)
     for base in bases:
         bf16 = t[base, torch.bfloat16]
-        print(f"base_features={base}: {t[base, None] / bf16:.2f}x ({t[base, None]:.3f} s vs "
-              f"{bf16:.3f} s); bfloat16 step {bf16 / t[16, torch.bfloat16]:.2f}x base 16's",
-              flush=True)
+        print(
+            f"base_features={base}: {t[base, None] / bf16:.2f}x ({t[base, None]:.3f} s vs "
+            f"{bf16:.3f} s); bfloat16 step {bf16 / t[16, torch.bfloat16]:.2f}x base 16's",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

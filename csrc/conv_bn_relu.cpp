@@ -15,16 +15,18 @@ using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Tensor4 batch_norm_relu(const at::Tensor& y, const Optional& weight, const Optional& bias, double eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("unet_fast::batch_norm_relu", "")
-                       .typed<Tensor4(const at::Tensor&, const Optional&, const Optional&, double)>();
+Tensor4 batch_norm_relu(const at::Tensor& y, const Optional& weight, const Optional& bias,
+                        double eps) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("unet_fast::batch_norm_relu", "")
+          .typed<Tensor4(const at::Tensor&, const Optional&, const Optional&, double)>();
   return op.call(y, weight, bias, eps);
 }
 
-Tensor3 batch_norm_relu_backward(const at::Tensor& grad, const at::Tensor& y, const Optional& weight,
-                                 const Optional& bias, const at::Tensor& mean,
-                                 const at::Tensor& invstd) {
+Tensor3 batch_norm_relu_backward(const at::Tensor& grad, const at::Tensor& y,
+                                 const Optional& weight, const Optional& bias,
+                                 const at::Tensor& mean, const at::Tensor& invstd) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("unet_fast::batch_norm_relu_backward", "")
                        .typed<Tensor3(const at::Tensor&, const at::Tensor&, const Optional&,
@@ -44,7 +46,8 @@ at::Tensor batch_norm_relu_apply(const at::Tensor& y, const Optional& weight, co
 // Every output follows its input's memory format (x's for activations, the weight's for its
 // gradient), whatever layout the convolution backend picks: the fake kernels then agree with the
 // real ones on every device, and a no-op copy costs nothing when they match already.
-at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const Optional& bias, int64_t padding) {
+at::Tensor conv(const at::Tensor& x, const at::Tensor& weight, const Optional& bias,
+                int64_t padding) {
   return at::convolution(x, weight, bias, {1, 1}, {padding, padding}, {1, 1}, false, {0, 0}, 1)
       .contiguous(x.suggest_memory_format());
 }
@@ -57,7 +60,9 @@ Tensor3 conv_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::T
   auto [gx, gw, gb] = at::convolution_backward(
       grad_y, x, weight, has_bias ? at::OptionalIntArrayRef(bias_size) : std::nullopt, {1, 1},
       {padding, padding}, {1, 1}, false, {0, 0}, 1, {input_grad, true, has_bias});
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, x.options()); };
+  auto or_empty = [&](const at::Tensor& t) {
+    return t.defined() ? t : at::empty({0}, x.options());
+  };
   return {gx.defined() ? gx.contiguous(x.suggest_memory_format()) : or_empty(gx),
           gw.contiguous(weight.suggest_memory_format()), or_empty(gb)};
 }
@@ -70,13 +75,15 @@ Tensor5 conv_bn_relu(const at::Tensor& x, const at::Tensor& weight, const Option
   return {out, y, mean, invstd, var};
 }
 
-Tensor5 conv_bn_relu_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, bool has_bias,
-    const at::Tensor& y, const Optional& bn_weight, const Optional& bn_bias,
-    const at::Tensor& mean, const at::Tensor& invstd, int64_t padding, bool input_grad) {
+Tensor5 conv_bn_relu_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& weight, bool has_bias, const at::Tensor& y,
+                              const Optional& bn_weight, const Optional& bn_bias,
+                              const at::Tensor& mean, const at::Tensor& invstd, int64_t padding,
+                              bool input_grad) {
   auto [grad_y, grad_bn_weight, grad_bn_bias] =
       batch_norm_relu_backward(grad_out, y, bn_weight, bn_bias, mean, invstd);
-  auto [grad_x, grad_weight, grad_bias] = conv_backward(grad_y, x, weight, has_bias, padding, input_grad);
+  auto [grad_x, grad_weight, grad_bias] =
+      conv_backward(grad_y, x, weight, has_bias, padding, input_grad);
   return {grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias};
 }
 
@@ -86,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
            at::Tensor, at::Tensor>
 double_conv(const at::Tensor& x, const at::Tensor& weight1, const Optional& bias1,
             const Optional& bn_weight1, const Optional& bn_bias1, const at::Tensor& weight2,
-            const Optional& bias2, const Optional& bn_weight2, const Optional& bn_bias2, double eps1,
-            double eps2, int64_t padding) {
+            const Optional& bias2, const Optional& bn_weight2, const Optional& bn_bias2,
+            double eps1, double eps2, int64_t padding) {
   auto [a1, y1, mean1, invstd1, var1] =
       conv_bn_relu(x, weight1, bias1, bn_weight1, bn_bias1, eps1, padding);
   auto [out, y2, mean2, invstd2, var2] =
@@ -104,8 +111,9 @@ std::vector<at::Tensor> double_conv_backward(
   const at::Tensor a1 = batch_norm_relu_apply(y1, bn_weight1, bn_bias1, mean1, invstd1);
   auto [grad_a1, grad_w2, grad_b2, grad_g2, grad_be2] = conv_bn_relu_backward(
       grad_out, a1, weight2, has_bias2, y2, bn_weight2, bn_bias2, mean2, invstd2, padding, true);
-  auto [grad_x, grad_w1, grad_b1, grad_g1, grad_be1] = conv_bn_relu_backward(
-      grad_a1, x, weight1, has_bias1, y1, bn_weight1, bn_bias1, mean1, invstd1, padding, input_grad);
+  auto [grad_x, grad_w1, grad_b1, grad_g1, grad_be1] =
+      conv_bn_relu_backward(grad_a1, x, weight1, has_bias1, y1, bn_weight1, bn_bias1, mean1,
+                            invstd1, padding, input_grad);
   return {grad_x, grad_w1, grad_b1, grad_g1, grad_be1, grad_w2, grad_b2, grad_g2, grad_be2};
 }
 
@@ -114,12 +122,12 @@ std::vector<at::Tensor> double_conv_backward(
 
 // Registered per device (not as a composite) so that compilers see one op with its own fake
 // kernel (unet_fast/ops/conv_bn_relu.py) instead of tracing through the decomposition.
-#define UNET_FAST_REGISTER_CONV_BN_RELU(KEY)                              \
-  TORCH_LIBRARY_IMPL(unet_fast, KEY, m) {                                 \
-    m.impl("conv_bn_relu", &unet_fast::conv_bn_relu);                     \
-    m.impl("conv_bn_relu_backward", &unet_fast::conv_bn_relu_backward);   \
-    m.impl("double_conv", &unet_fast::double_conv);                       \
-    m.impl("double_conv_backward", &unet_fast::double_conv_backward);     \
+#define UNET_FAST_REGISTER_CONV_BN_RELU(KEY)                            \
+  TORCH_LIBRARY_IMPL(unet_fast, KEY, m) {                               \
+    m.impl("conv_bn_relu", &unet_fast::conv_bn_relu);                   \
+    m.impl("conv_bn_relu_backward", &unet_fast::conv_bn_relu_backward); \
+    m.impl("double_conv", &unet_fast::double_conv);                     \
+    m.impl("double_conv_backward", &unet_fast::double_conv_backward);   \
   }
 
 UNET_FAST_REGISTER_CONV_BN_RELU(CPU)

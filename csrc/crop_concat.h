@@ -46,7 +46,8 @@ at::Tensor crop_concat_with(const at::Tensor& skip, const at::Tensor& up, c10::I
   if (out.numel() > 0) {
     fill(out, std::vector<ShiftedSource>{
                   {skip, 0, leading_pad(size[0], skip.size(2)), leading_pad(size[1], skip.size(3))},
-                  {up, skip.size(1), leading_pad(size[0], up.size(2)), leading_pad(size[1], up.size(3))}});
+                  {up, skip.size(1), leading_pad(size[0], up.size(2)),
+                   leading_pad(size[1], up.size(3))}});
   }
   return out;
 }

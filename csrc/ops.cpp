@@ -21,46 +21,55 @@ TORCH_LIBRARY(unet_fast, m) {
   // The inverse crop/pad of each channel slice of grad back to its input's spatial size.
   m.def(
       "crop_concat_backward(Tensor grad, SymInt skip_channels, SymInt[2] skip_size, "
-      "SymInt[2] up_size) -> (Tensor, Tensor)", kExactStrides);
+      "SymInt[2] up_size) -> (Tensor, Tensor)",
+      kExactStrides);
 
   // relu(batch_norm(y)) with batch statistics. Returns the output and per-channel statistics
   // (float32; float64 for float64 input): mean, 1/sqrt(var + eps) and the unbiased variance
   // that the running variance averages. Functional: the caller updates running statistics.
   m.def(
       "batch_norm_relu(Tensor y, Tensor? weight, Tensor? bias, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)", kExactStrides);
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      kExactStrides);
   // (grad_y, grad_weight, grad_bias) of batch_norm_relu; the ReLU mask is recomputed from y.
   m.def(
       "batch_norm_relu_backward(Tensor grad_out, Tensor y, Tensor? weight, Tensor? bias, "
-      "Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)", kExactStrides);
+      "Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)",
+      kExactStrides);
   // relu(weight * (y - mean) * invstd + bias) with given statistics.
   m.def(
       "batch_norm_relu_apply(Tensor y, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) "
-      "-> Tensor", kExactStrides);
+      "-> Tensor",
+      kExactStrides);
   // Eval mode: relu(conv2d(x, weight, bias, padding)), BatchNorm already folded into weight/bias.
-  m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor? bias, int padding) -> Tensor", kExactStrides);
+  m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor? bias, int padding) -> Tensor",
+        kExactStrides);
 
   // Training mode: relu(batch_norm(conv2d(x))). Returns (out, conv output y, mean, invstd,
   // unbiased var).
   m.def(
       "conv_bn_relu(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
-      "float eps, int padding) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", kExactStrides);
+      "float eps, int padding) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      kExactStrides);
   // (grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias); grad_x is empty unless
   // input_grad, grad_bias empty unless has_bias.
   m.def(
       "conv_bn_relu_backward(Tensor grad_out, Tensor x, Tensor weight, bool has_bias, Tensor y, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor invstd, int padding, "
-      "bool input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)", kExactStrides);
+      "bool input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      kExactStrides);
   // Two conv_bn_relu in a row. Returns (out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2).
   m.def(
       "double_conv(Tensor x, Tensor weight1, Tensor? bias1, Tensor? bn_weight1, Tensor? bn_bias1, "
       "Tensor weight2, Tensor? bias2, Tensor? bn_weight2, Tensor? bn_bias2, float eps1, "
       "float eps2, int padding) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor)", kExactStrides);
+      "Tensor, Tensor)",
+      kExactStrides);
   // The gradients of both layers' conv_bn_relu_backward, layer 1 first; recomputes relu(bn(y1)).
   m.def(
       "double_conv_backward(Tensor grad_out, Tensor x, Tensor weight1, bool has_bias1, Tensor y1, "
       "Tensor? bn_weight1, Tensor? bn_bias1, Tensor mean1, Tensor invstd1, Tensor weight2, "
       "bool has_bias2, Tensor y2, Tensor? bn_weight2, Tensor? bn_bias2, Tensor mean2, "
-      "Tensor invstd2, int padding, bool input_grad) -> Tensor[]", kExactStrides);
+      "Tensor invstd2, int padding, bool input_grad) -> Tensor[]",
+      kExactStrides);
 }

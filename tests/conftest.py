@@ -1,6 +1,7 @@
 """Test session setup: the Triton interpreter without a GPU, float32 without TF32, one seed per test.
 
 Shared helpers live in tests/helpers.py (`from tests.helpers import ...`)."""
+
 import os
 
 import pytest

@@ -1,9 +1,13 @@
 """Shared test helpers: layouts, DESIGN.md's tolerances, the bfloat16 rule, training histories."""
+
 import copy
 
+import pytest
 import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU through the interpreter
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -71,8 +75,10 @@ def training_history(model, x, steps=3, lr=0.01):
         model.train()
         outs = as_list(model(x))
         optimizer.zero_grad()
-        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).mean()
-            for o in outs).backward()
+        sum(
+            (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).mean()
+            for o in outs
+        ).backward()
         history.append([o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()])
         optimizer.step()
         model.eval()
@@ -87,3 +93,12 @@ def assert_histories_close(got, want, dtype, float32_tol=1e-4):
         for g, w in zip(g_step, w_step, strict=True):
             scale = max(w.abs().max().item(), 1.0)
             torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t (same layout) with NaN, +Inf and -Inf at three places around its middle, as a
+    corrupted image or weight would carry them."""
+    flat = t.detach().flatten().clone()
+    for i, value in enumerate((float("nan"), float("inf"), -float("inf"))):
+        flat[(flat.numel() // 2 + 37 * i) % flat.numel()] = value
+    return torch.empty_like(t).copy_(flat.view(t.shape))

@@ -1,4 +1,5 @@
 """What was built, and how a backend is chosen."""
+
 import shutil
 import subprocess
 import sys
@@ -14,20 +15,27 @@ def test_cpu_extension_is_built_and_registered():
     info = unet_fast.backends()
     assert info["extension"] == "built"
     assert info["kernels"]["cpu"] == ["conv_bias_relu", "conv_bn_relu", "crop_concat"]
-    assert info["default"]["cpu"] == {"crop_concat": "cpu", "conv_bn_relu": "cpu",
-                                      "conv_bias_relu": "cpu"}
+    assert info["default"]["cpu"] == {
+        "crop_concat": "cpu",
+        "conv_bn_relu": "cpu",
+        "conv_bias_relu": "cpu",
+    }
     for kernel in ("crop_concat", "batch_norm_relu", "batch_norm_relu_backward", "conv_bias_relu"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CPU")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None,
-                    reason="libstdc++ and binutils' nm: Linux")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("nm") is None,
+    reason="libstdc++ and binutils' nm: Linux",
+)
 def test_extension_uses_the_shared_libstdcxx():
     # A private static copy of libstdc++ (linked by another GCC) crashed formatting the first
     # TORCH_CHECK message; the extension must import std::ostream from the process's libstdc++.
     from unet_fast import _C
-    symbols = subprocess.run(["nm", "-D", _C.__file__], capture_output=True, text=True,
-                             check=True).stdout.split("\n")
+
+    symbols = subprocess.run(
+        ["nm", "-D", _C.__file__], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     insert_long = [line.split() for line in symbols if "_ZNSo9_M_insertIlEERSoT_" in line]
     assert insert_long and all(fields[0] == "U" for fields in insert_long), insert_long
 
@@ -42,7 +50,9 @@ def test_gpu_entry_matches_the_machine():
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("UNET_FAST_BACKEND", "reference")
     assert _backend.resolve("auto", torch.device("cpu"), "crop_concat") == "reference"
-    assert _backend.resolve("cpu", torch.device("cpu"), "crop_concat") == "cpu"  # an explicit choice wins
+    assert (
+        _backend.resolve("cpu", torch.device("cpu"), "crop_concat") == "cpu"
+    )  # an explicit choice wins
     assert unet_fast.backends()["override"] == "reference"
     monkeypatch.setenv("UNET_FAST_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="unknown backend 'nonsense'"):

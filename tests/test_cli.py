@@ -1,4 +1,5 @@
 """The `unet-fast` command: a tiny bench end to end, and bad input as one line on stderr."""
+
 import json
 
 import pytest
@@ -9,8 +10,27 @@ from unet_fast import cli
 
 def test_bench_reports_every_figure(tmp_path, capsys):
     path, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert cli.main(["bench", "--size", "32", "--base-features", "4", "--rounds", "1",
-                     "--warmup", "0", "--quiet", "--json", str(path), "--plot", str(png)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--size",
+                "32",
+                "--base-features",
+                "4",
+                "--rounds",
+                "1",
+                "--warmup",
+                "0",
+                "--quiet",
+                "--json",
+                str(path),
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "float32" in text and "bfloat16" in text and "of one large conv's" in text
     result = json.loads(path.read_text())
@@ -24,11 +44,14 @@ def test_bench_reports_every_figure(tmp_path, capsys):
     assert result["runs"][0]["forward_flops"] > 0 and png.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["bench", "--device", "cuda"], "no CUDA GPU is available"),
-    (["bench", "--batch", "1"], "--batch must be at least 2"),
-    (["bench", "--size", "8", "--quiet"], "too small for 4 poolings"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--device", "cuda"], "no CUDA GPU is available"),
+        (["bench", "--batch", "1"], "--batch must be at least 2"),
+        (["bench", "--size", "8", "--quiet"], "too small for 4 poolings"),
+    ],
+)
 def test_bench_bad_input_is_one_line_on_stderr(argv, message, capsys):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -37,8 +60,13 @@ def test_bench_bad_input_is_one_line_on_stderr(argv, message, capsys):
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv, message", [(["bench", "--backend", "fast"], "invalid choice: 'fast'"),
-                                           (["bench", "--rounds", "x"], "invalid int value")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--backend", "fast"], "invalid choice: 'fast'"),
+        (["bench", "--rounds", "x"], "invalid int value"),
+    ],
+)
 def test_bad_arguments_are_one_line_too(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

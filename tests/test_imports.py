@@ -1,5 +1,6 @@
 """The package's imports point one way: cli/train -> models -> nn -> ops -> (triton | reference),
 with the shared maths in a leaf. Read from the source with `ast`, lazy imports included."""
+
 import ast
 from pathlib import Path
 
@@ -38,8 +39,9 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
 def layer(module: str) -> int:
-    owner = max((name for name in LAYERS if module == name or module.startswith(name + ".")),
-                key=len)
+    owner = max(
+        (name for name in LAYERS if module == name or module.startswith(name + ".")), key=len
+    )
     return LAYERS[owner]
 
 
@@ -80,8 +82,12 @@ def test_leaves_import_nothing_of_the_package(leaf):
 
 
 def test_imports_point_down_the_layers():
-    upward = [f"{m} ({layer(m)}) imports {i} ({layer(i)})"
-              for m, targets in GRAPH.items() for i in sorted(targets) if layer(i) > layer(m)]
+    upward = [
+        f"{m} ({layer(m)}) imports {i} ({layer(i)})"
+        for m, targets in GRAPH.items()
+        for i in sorted(targets)
+        if layer(i) > layer(m)
+    ]
     assert upward == []
 
 
@@ -94,7 +100,7 @@ def test_no_import_cycles():
         stack.append(module)
         for target in sorted(GRAPH.get(module, ())):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+                cycles.append(" -> ".join(stack[stack.index(target) :] + [target]))
             elif target not in state:
                 visit(target)
         stack.pop()

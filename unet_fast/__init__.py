@@ -1,4 +1,5 @@
 """unet_fast: fused U-Net kernels for PyTorch and a drop-in UNet."""
+
 from . import nn, ops, reference
 from ._backend import backends
 from .fuse import fuse
@@ -9,4 +10,20 @@ from .models.variants import AttentionUNet, ResUNet, UNetPlusPlus
 from .ops import conv_bn_relu, crop_concat, double_conv
 
 __version__ = "0.1.0"
-__all__ = ["AttentionUNet", "ResUNet", "UNet", "UNetPlusPlus", "backends", "estimate_memory", "from_pytorch_unet", "fuse", "conv_bn_relu", "crop_concat", "double_conv", "nn", "ops", "reference", "visualize_activations"]
+__all__ = [
+    "AttentionUNet",
+    "ResUNet",
+    "UNet",
+    "UNetPlusPlus",
+    "backends",
+    "estimate_memory",
+    "from_pytorch_unet",
+    "fuse",
+    "conv_bn_relu",
+    "crop_concat",
+    "double_conv",
+    "nn",
+    "ops",
+    "reference",
+    "visualize_activations",
+]

@@ -4,6 +4,7 @@ A backend is chosen per call: the explicit `backend=` argument, else the UNET_FA
 environment variable, else the fastest one built for the tensor's device. Asking for a backend
 that cannot run raises; nothing falls back silently.
 """
+
 import importlib.util
 import os
 import warnings
@@ -14,8 +15,13 @@ NAMES = ("auto", "cpu", "cuda", "triton", "reference")
 # Public op -> the device kernels it needs (the rest of each op is device-generic composition).
 REQUIRES = {
     "crop_concat": ("crop_concat", "crop_concat_backward"),
-    "conv_bn_relu": ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_relu_apply",
-                     "conv_bn_relu", "double_conv"),
+    "conv_bn_relu": (
+        "batch_norm_relu",
+        "batch_norm_relu_backward",
+        "batch_norm_relu_apply",
+        "conv_bn_relu",
+        "double_conv",
+    ),
     "conv_bias_relu": ("conv_bias_relu",),
 }
 
@@ -25,21 +31,25 @@ try:
     EXTENSION_ERROR = None
 except ImportError as error:  # a source checkout that was never built, or a broken build
     EXTENSION_ERROR = f"{type(error).__name__}: {error}"
-    warnings.warn(f"unet_fast._C is not available ({EXTENSION_ERROR}); every op runs the "
-                  "pure-PyTorch reference. Build with `pip install --no-build-isolation .`.",
-                  stacklevel=2)
+    warnings.warn(
+        f"unet_fast._C is not available ({EXTENSION_ERROR}); every op runs the "
+        "pure-PyTorch reference. Build with `pip install --no-build-isolation .`.",
+        stacklevel=2,
+    )
 
 
 def _registered(kernel: str, device_type: str) -> bool:
     """Asks the dispatcher whether unet_fast::<kernel> has a kernel for the device's key."""
-    return (EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"unet_fast::{kernel}", device_type.upper()))
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"unet_fast::{kernel}", device_type.upper()
+    )
 
 
 # Read once: registrations happen when _C loads, and torch.compile cannot trace the query.
-BUILT = {device: {op for op, kernels in REQUIRES.items()
-                  if all(_registered(k, device) for k in kernels)}
-         for device in ("cpu", "cuda")}
+BUILT = {
+    device: {op for op, kernels in REQUIRES.items() if all(_registered(k, device) for k in kernels)}
+    for device in ("cpu", "cuda")
+}
 
 
 def default_backend(op: str, device_type: str) -> str:
@@ -60,22 +70,29 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         if device.type != backend:
             raise ValueError(f"backend {backend!r} cannot run tensors on device {device}")
         if op not in BUILT[backend]:
-            raise RuntimeError(f"backend {backend!r} has no {op} kernels in this build"
-                               + (f": {EXTENSION_ERROR}" if EXTENSION_ERROR else ""))
+            raise RuntimeError(
+                f"backend {backend!r} has no {op} kernels in this build"
+                + (f": {EXTENSION_ERROR}" if EXTENSION_ERROR else "")
+            )
     if backend == "triton" and not triton_runs_on(device):
         raise RuntimeError(
-            f"the Triton backend cannot run on {device}: " + (
-                "triton is not installed" if not triton_version() else
-                "it needs a CUDA GPU, or TRITON_INTERPRET=1 (set before importing unet_fast) "
-                "to interpret the kernels on the CPU"))
+            f"the Triton backend cannot run on {device}: "
+            + (
+                "triton is not installed"
+                if not triton_version()
+                else "it needs a CUDA GPU, or TRITON_INTERPRET=1 (set before importing unet_fast) "
+                "to interpret the kernels on the CPU"
+            )
+        )
     return backend
 
 
 def triton_runs_on(device: torch.device) -> bool:
     if not triton_version():
         return False
-    return device.type == "cuda" or (device.type == "cpu" and
-                                     os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == "cuda" or (
+        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 def triton_version():
@@ -92,11 +109,15 @@ def backends() -> dict:
     return {
         "extension": "built" if EXTENSION_ERROR is None else f"missing ({EXTENSION_ERROR})",
         "kernels": {device: sorted(ops) for device, ops in BUILT.items()},
-        "triton": {"version": triton_version() or None,
-                   "cpu": triton_runs_on(torch.device("cpu")) and "interpreter",
-                   "cuda": bool(gpu) and triton_runs_on(torch.device("cuda"))},
+        "triton": {
+            "version": triton_version() or None,
+            "cpu": triton_runs_on(torch.device("cpu")) and "interpreter",
+            "cuda": bool(gpu) and triton_runs_on(torch.device("cuda")),
+        },
         "gpu": gpu,
-        "default": {"cpu": {op: default_backend(op, "cpu") for op in REQUIRES},
-                    "cuda": {op: default_backend(op, "cuda") for op in REQUIRES} if gpu else None},
+        "default": {
+            "cpu": {op: default_backend(op, "cpu") for op in REQUIRES},
+            "cuda": {op: default_backend(op, "cuda") for op in REQUIRES} if gpu else None,
+        },
         "override": os.environ.get("UNET_FAST_BACKEND"),
     }

@@ -4,6 +4,7 @@ convolution, the running-statistics update, and new tensors in an input's memory
 A leaf: it imports nothing of the package, so the ops, the Triton kernels and the modules can all
 use it without pointing imports at each other.
 """
+
 import torch
 
 Tensor = torch.Tensor
@@ -68,5 +69,15 @@ def conv_backward(grad_y, x, weight, padding, needs):
     """(grad_x, grad_weight, grad_bias) of a stride-1 conv2d; `needs` says which to compute
     (the others come back None)."""
     return torch.ops.aten.convolution_backward(
-        grad_y, x, weight, [weight.shape[0]] if needs[2] else None, [1, 1], [padding] * 2,
-        [1, 1], False, [0, 0], 1, list(needs))
+        grad_y,
+        x,
+        weight,
+        [weight.shape[0]] if needs[2] else None,
+        [1, 1],
+        [padding] * 2,
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        list(needs),
+    )

@@ -8,6 +8,7 @@ convolution's FLOP/s (the practical ceiling), the bytes autograd saves for backw
 parameters excluded), peak memory, and the largest output and gradient differences, flagged when
 outside tolerance.
 """
+
 import json
 import resource
 import statistics
@@ -50,11 +51,21 @@ def conv_flops(model, x) -> int:
         nonlocal total
         source = inputs[0] if isinstance(module, nn.ConvTranspose2d) else output
         macs = module.in_channels * module.out_channels // module.groups
-        total += 2 * macs * module.kernel_size[0] * module.kernel_size[1] * source[0].numel() // (
-            source.shape[1]) * source.shape[0]
+        total += (
+            2
+            * macs
+            * module.kernel_size[0]
+            * module.kernel_size[1]
+            * source[0].numel()
+            // (source.shape[1])
+            * source.shape[0]
+        )
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    ]
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -67,9 +78,11 @@ def conv_flops(model, x) -> int:
 def conv_ceiling(device, dtype, rounds: int = 5) -> float:
     """FLOP/s of one large 3x3 convolution (256 -> 256 channels, 64x64, channels_last)."""
     x = torch.randn(2, 256, 64, 64, device=device, dtype=dtype).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     w = torch.randn(256, 256, 3, 3, device=device, dtype=dtype).contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     times = []
     with torch.no_grad():
         for _ in range(rounds + 1):
@@ -154,12 +167,21 @@ def bench(args) -> dict:
         raise ValueError("--device cuda asked for, but no CUDA GPU is available")
     backend = _backend.resolve(args.backend, device, "conv_bn_relu")
     dtypes = [getattr(torch, name) for name in args.dtype]
-    with tqdm(total=2 * (args.warmup + args.rounds) * len(dtypes), desc="bench rounds",
-              file=sys.stderr, disable=args.quiet) as progress:
+    with tqdm(
+        total=2 * (args.warmup + args.rounds) * len(dtypes),
+        desc="bench rounds",
+        file=sys.stderr,
+        disable=args.quiet,
+    ) as progress:
         runs = [bench_dtype(args, device, dtype, progress) for dtype in dtypes]
     return {
-        "config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "backend": backend, "backends": _backend.backends()},
+        "config": {
+            **vars(args),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "backend": backend,
+            "backends": _backend.backends(),
+        },
         "runs": runs,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -187,16 +209,26 @@ def report(result) -> str:
             lines.append(line)
             if f"candidate_{mode}_peak_bytes" in run:
                 b, o = run[f"baseline_{mode}_peak_bytes"], run[f"candidate_{mode}_peak_bytes"]
-                lines.append(f"  {name + ' peak MiB':28}{b / 2**20:12.1f}{o / 2**20:12.1f}"
-                             f"{o / b:8.2f}x")
+                lines.append(
+                    f"  {name + ' peak MiB':28}{b / 2**20:12.1f}{o / 2**20:12.1f}{o / b:8.2f}x"
+                )
         b, o = run["baseline_saved_bytes"], run["candidate_saved_bytes"]
-        lines.append(f"  {'saved for backward MiB':28}{b / 2**20:12.1f}{o / 2**20:12.1f}{o / b:8.2f}x")
-        for key, name in (("inference_output_diff", "inference output"),
-                          ("train_output_diff", "training output"), ("gradient_diff", "gradients")):
+        lines.append(
+            f"  {'saved for backward MiB':28}{b / 2**20:12.1f}{o / 2**20:12.1f}{o / b:8.2f}x"
+        )
+        for key, name in (
+            ("inference_output_diff", "inference output"),
+            ("train_output_diff", "training output"),
+            ("gradient_diff", "gradients"),
+        ):
             diff, relative, ok = run[key]
-            flag = "ok" if ok else f"OUTSIDE TOLERANCE {TOLERANCE[getattr(torch, run['dtype'])]:.0e}"
-            lines.append(f"  {'max |diff| ' + name:28}{'':12}{diff:12.1e}   ({relative:.1e} of the "
-                         f"largest value, {flag})")
+            flag = (
+                "ok" if ok else f"OUTSIDE TOLERANCE {TOLERANCE[getattr(torch, run['dtype'])]:.0e}"
+            )
+            lines.append(
+                f"  {'max |diff| ' + name:28}{'':12}{diff:12.1e}   ({relative:.1e} of the "
+                f"largest value, {flag})"
+            )
     if cfg["device"] == "cpu":
         lines.append(f"\n  peak RSS of this process: {result['peak_rss_mib']:.0f} MiB")
     return "\n".join(lines)

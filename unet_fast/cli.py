@@ -1,4 +1,5 @@
 """The `unet-fast` command."""
+
 import argparse
 import sys
 
@@ -20,8 +21,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=int, default=128, help="input height and width")
     b.add_argument("--batch", type=int, default=2)
     b.add_argument("--base-features", type=int, default=64)
-    b.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
-                   choices=["float32", "bfloat16", "float16", "float64"])
+    b.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16", "float64"],
+    )
     b.add_argument("--backend", default="auto", choices=_backend.NAMES)
     b.add_argument("--rounds", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
@@ -31,10 +36,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("backends", help="what was built and which backend each device uses")
     t = sub.add_parser("train", help="train a model (python -m unet_fast.train under torchrun)")
     from .train import main as train_main
+
     train_main.add_arguments(t)
-    from .train import predict
-    predict.add_arguments(sub.add_parser(
-        "predict", help="segment images with a trained checkpoint (overlap-tile)"))
+    from .train import predict_files
+
+    predict_files.add_arguments(
+        sub.add_parser("predict", help="segment images with a trained checkpoint (overlap-tile)")
+    )
     return p
 
 
@@ -43,24 +51,35 @@ def main(argv=None) -> int:
     try:
         if args.command == "bench":
             from . import bench
+
             if args.batch < 2:
-                raise ValueError("--batch must be at least 2: a training step with BatchNorm needs "
-                                 "more than one value per channel")
+                raise ValueError(
+                    "--batch must be at least 2: a training step with BatchNorm needs "
+                    "more than one value per channel"
+                )
             if args.rounds < 1:
                 raise ValueError("--rounds must be at least 1")
             bench.main(args)
         elif args.command == "train":
             from .train import main as train_main
+
             train_main.main(args)
         elif args.command == "predict":
-            from .train import predict
-            predict.main(args)
+            from .train import predict_files
+
+            predict_files.main(args)
         else:
             from . import backends
+
             for key, value in backends().items():
                 print(f"{key:10} {value}")
-    except (ValueError, RuntimeError, NotImplementedError, FileNotFoundError,
-            FloatingPointError) as error:
+    except (
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        FileNotFoundError,
+        FloatingPointError,
+    ) as error:
         print(f"unet-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

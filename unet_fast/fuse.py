@@ -1,4 +1,5 @@
 """fuse(model): run the Conv2d -> BatchNorm2d -> ReLU Sequentials of any model through the fused ops."""
+
 from torch import nn
 
 from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, runs
@@ -29,7 +30,9 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     replaced = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            plain = isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward
+            plain = (
+                isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward
+            )
             if not plain or (fused := _fused(child, backend)) is None:
                 continue
             fused.train(child.training)

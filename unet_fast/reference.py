@@ -3,6 +3,7 @@
 This module is the contract: the fallback when no kernel is built and the oracle every kernel is
 tested against. It favours clarity over speed, and imports nothing of the package.
 """
+
 from typing import Optional, Sequence
 
 import torch
@@ -10,9 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
-def conv_bn_relu(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                 training: bool, momentum: float, eps: float, padding: int):
+def conv_bn_relu(
+    x,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    training: bool,
+    momentum: float,
+    eps: float,
+    padding: int,
+):
     """relu(batch_norm(conv2d(x))), updating running_mean/running_var in place when training.
 
     `momentum` is the running-average factor as in F.batch_norm; a module with momentum=None
@@ -28,15 +39,54 @@ def conv_bias_relu(x, weight, bias, padding: int):
     return F.relu(F.conv2d(x, weight, bias, padding=padding))
 
 
-def double_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
-                weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
-                training: bool, momentum1: float, momentum2: float, eps1: float, eps2: float,
-                padding: int):
+def double_conv(
+    x,
+    weight1,
+    bias1,
+    bn_weight1,
+    bn_bias1,
+    running_mean1,
+    running_var1,
+    weight2,
+    bias2,
+    bn_weight2,
+    bn_bias2,
+    running_mean2,
+    running_var2,
+    training: bool,
+    momentum1: float,
+    momentum2: float,
+    eps1: float,
+    eps2: float,
+    padding: int,
+):
     """Two conv_bn_relu in a row."""
-    x = conv_bn_relu(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
-                     training, momentum1, eps1, padding)
-    return conv_bn_relu(x, weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2,
-                        training, momentum2, eps2, padding)
+    x = conv_bn_relu(
+        x,
+        weight1,
+        bias1,
+        bn_weight1,
+        bn_bias1,
+        running_mean1,
+        running_var1,
+        training,
+        momentum1,
+        eps1,
+        padding,
+    )
+    return conv_bn_relu(
+        x,
+        weight2,
+        bias2,
+        bn_weight2,
+        bn_bias2,
+        running_mean2,
+        running_var2,
+        training,
+        momentum2,
+        eps2,
+        padding,
+    )
 
 
 def fit(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -66,7 +116,7 @@ def output_size(size: int, padding: str, depth: int = DEPTH):
     even, so 572 -> 388; other sizes are rejected rather than silently cropped.
     """
     if padding == "same":
-        return size if size >= 2 ** depth else None
+        return size if size >= 2**depth else None
     for _ in range(depth):
         size -= 4
         if size <= 0 or size % 2:
@@ -82,7 +132,7 @@ def output_size(size: int, padding: str, depth: int = DEPTH):
 
 def nearest_valid_sizes(size: int, padding: str, depth: int = DEPTH, count: int = 2):
     """The closest input sizes that `output_size` accepts, nearest first."""
-    candidates = [s for s in range(1, size + 16 * 2 ** depth) if output_size(s, padding, depth)]
+    candidates = [s for s in range(1, size + 16 * 2**depth) if output_size(s, padding, depth)]
     return sorted(candidates, key=lambda s: (abs(s - size), s))[:count]
 
 
@@ -94,18 +144,23 @@ def check_input(x: torch.Tensor, in_channels: int, padding: str, depth: int = DE
     if x.dim() != 4:
         raise ValueError(f"UNet expects a 4-D input {expected}, got shape {tuple(x.shape)}")
     if x.shape[1] != in_channels:
-        raise ValueError(f"UNet expects {in_channels} input channels {expected}, got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"UNet expects {in_channels} input channels {expected}, got shape {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"UNet expects a floating-point input, got {x.dtype}")
     for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
         if output_size(size, padding, depth) is None:
             if padding == "same":
-                raise ValueError(f"input {axis} {size} is too small for {depth} poolings: the "
-                                 f"minimum is {2 ** depth} (got shape {tuple(x.shape)})")
+                raise ValueError(
+                    f"input {axis} {size} is too small for {depth} poolings: the "
+                    f"minimum is {2**depth} (got shape {tuple(x.shape)})"
+                )
             near = " or ".join(map(str, nearest_valid_sizes(size, padding, depth)))
-            raise ValueError(f"input {axis} {size} does not fit the valid-padding U-Net (every "
-                             f"pooled map must be even); nearest valid sizes: {near}")
+            raise ValueError(
+                f"input {axis} {size} does not fit the valid-padding U-Net (every "
+                f"pooled map must be even); nearest valid sizes: {near}"
+            )
 
 
 # The reference U-Net: the tutorial's modules and state_dict keys. With bilinear=False it computes
@@ -119,8 +174,13 @@ PADDING = {"same": 1, "valid": 0}
 class DoubleConv(nn.Module):
     """(Conv 3x3 -> BN -> ReLU) x 2; keys double_conv.{0,1,3,4}.*"""
 
-    def __init__(self, in_channels: int, out_channels: int, mid_channels: Optional[int] = None,
-                 padding: str = "same"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        mid_channels: Optional[int] = None,
+        padding: str = "same",
+    ):
         super().__init__()
         mid_channels = mid_channels or out_channels
         self.double_conv = nn.Sequential(
@@ -141,8 +201,9 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, padding: str = "same"):
         super().__init__()
-        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2, 2),
-                                          DoubleConv(in_channels, out_channels, padding=padding))
+        self.maxpool_conv = nn.Sequential(
+            nn.MaxPool2d(2, 2), DoubleConv(in_channels, out_channels, padding=padding)
+        )
 
     def forward(self, x):
         return self.maxpool_conv(x)
@@ -155,8 +216,9 @@ class DecoderBlock(nn.Module):
     centre-crops the skip to the upsampled map's size (the paper's "copy and crop").
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = True,
-                 padding: str = "same"):
+    def __init__(
+        self, in_channels: int, out_channels: int, bilinear: bool = True, padding: str = "same"
+    ):
         super().__init__()
         self.padding = padding
         if bilinear:
@@ -184,14 +246,21 @@ class UNet(nn.Module):
             unpadded convolutions: 572x572 in, 388x388 out)
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 2, base_features: int = 64,
-                 bilinear: bool = True, *, padding: str = "same"):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        base_features: int = 64,
+        bilinear: bool = True,
+        *,
+        padding: str = "same",
+    ):
         super().__init__()
         if padding not in PADDING:
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
         self.in_channels, self.num_classes, self.bilinear = in_channels, num_classes, bilinear
         self.padding = padding
-        f = [base_features * 2 ** i for i in range(5)]
+        f = [base_features * 2**i for i in range(5)]
         factor = 2 if bilinear else 1
         self.inc = DoubleConv(in_channels, f[0], padding=padding)
         self.down1 = EncoderBlock(f[0], f[1], padding)

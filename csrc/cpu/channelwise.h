@@ -90,7 +90,8 @@ void channelwise_map(scalar_t* out, const scalar_t* y, const scalar_t* dy, Shape
           for (size_t k = 0; k < K; ++k) cv[u][k] = Vec::loadu(coef[k] + c + u * V);
         for (int64_t i = tile * s.C + c; i < tile_end * s.C; i += s.C) {
           for (int64_t u = 0; u < U; ++u) {
-            Io<scalar_t>::store(out + i + u * V, vop(load(y, i + u * V), load(dy, i + u * V), cv[u]));
+            Io<scalar_t>::store(out + i + u * V,
+                                vop(load(y, i + u * V), load(dy, i + u * V), cv[u]));
           }
         }
       }
@@ -151,7 +152,8 @@ std::pair<std::vector<double>, std::vector<double>> channelwise_sums(
     return {sum_a, sum_b};
   }
   // NHWC: each chunk of rows sums into its own per-channel partials, combined once at the end;
-  // within a chunk, tiles of rows are swept one channel block at a time (accumulators in registers).
+  // within a chunk, tiles of rows are swept one channel block at a time (accumulators in
+  // registers).
   const int64_t rows = s.N * s.HW;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, rows));
   std::vector<double> partial(2 * chunks * s.C, 0.0);

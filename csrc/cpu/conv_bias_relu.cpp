@@ -18,13 +18,13 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, con
                       (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
   at::Tensor y;
   if (onednn) {
-    static auto pointwise = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
-                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const Optional&,
-                                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                                  int64_t, c10::string_view,
-                                                  c10::List<std::optional<at::Scalar>>,
-                                                  std::optional<c10::string_view>)>();
+    static auto pointwise =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const Optional&,
+                              at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                              c10::string_view, c10::List<std::optional<at::Scalar>>,
+                              std::optional<c10::string_view>)>();
     y = pointwise.call(x, weight, bias, {padding, padding}, {1, 1}, {1, 1}, 1, "none",
                        c10::List<std::optional<at::Scalar>>(), "");
   } else {
@@ -37,9 +37,7 @@ at::Tensor conv_bias_relu_cpu(const at::Tensor& x, const at::Tensor& weight, con
 }  // namespace
 }  // namespace unet_fast
 
-TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
-  m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cpu);
-}
+TORCH_LIBRARY_IMPL(unet_fast, CPU, m) { m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cpu); }
 
 // Eval-mode weights prepacked in oneDNN's blocked layout (an MkldnnCPU tensor) dispatch here.
 TORCH_LIBRARY_IMPL(unet_fast, MkldnnCPU, m) {

@@ -115,8 +115,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
     for (int64_t c = 0; c < s.C; ++c) first[c] = static_cast<A>(yp[s.nhwc ? c : c * s.HW]);
     auto [sum, sum_sq] = cpu::channelwise_sums<scalar_t, 1>(
         yp, nullptr, s, {first.data()},
-        [](V v, V, const std::array<V, 1>& k) { V d = v - k[0]; return std::pair{d, d * d}; },
-        [](A v, A, const std::array<A, 1>& k) { A d = v - k[0]; return std::pair{d, d * d}; });
+        [](V v, V, const std::array<V, 1>& k) {
+          V d = v - k[0];
+          return std::pair{d, d * d};
+        },
+        [](A v, A, const std::array<A, 1>& k) {
+          A d = v - k[0];
+          return std::pair{d, d * d};
+        });
     A* m = mean.data_ptr<A>();
     A* is = invstd.data_ptr<A>();
     A* uv = unbiased_var.data_ptr<A>();
@@ -132,9 +138,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
   return {apply(y, format, scale, shift), mean, invstd, unbiased_var};
 }
 
-// d/dy of relu(bn(y)): with m = [y * scale + shift > 0], k = gamma * invstd and n values per
-// channel, grad_y = k * (m*dy - sum(m*dy)/n - xhat * sum(m*dy*xhat)/n), xhat = (y - mean) * invstd.
-// Written as m*dy*k + a*y + b, with a = -k*invstd^2*sum(m*dy*(y-mean))/n, b = -k*sum(m*dy)/n - a*mean.
+// d/dy of relu(bn(y)): with m = [not y * scale + shift <= 0] (F.relu's: NaN passes), k = gamma *
+// invstd and n values per channel, grad_y = k * (m*dy - sum(m*dy)/n - xhat * sum(m*dy*xhat)/n),
+// xhat = (y - mean) * invstd. Written as m*dy*k + a*y + b, with a =
+// -k*invstd^2*sum(m*dy*(y-mean))/n, b = -k*sum(m*dy)/n - a*mean.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& y_in, const Optional& weight,
     const Optional& bias, const at::Tensor& mean_in, const at::Tensor& invstd_in) {
@@ -147,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   const Shape s = shape_of(y, format);
   const int64_t count = s.N * s.HW;
   const auto acc_type = at::toOpMathType(y.scalar_type());
-  const at::Tensor mean = mean_in.to(acc_type).contiguous(), invstd = invstd_in.to(acc_type).contiguous();
+  const at::Tensor mean = mean_in.to(acc_type).contiguous(),
+                   invstd = invstd_in.to(acc_type).contiguous();
   auto [scale, shift] = affine(mean, invstd, weight, bias);
   const at::Tensor gamma = per_channel(weight, s.C, 1.0, acc_type);
   at::Tensor grad_y = at::empty_like(y, format);
@@ -164,11 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
       auto [sum_dy, sum_dy_xmu] = cpu::channelwise_sums<scalar_t, 3>(
           yp, dyp, s, {sc, sh, m},
           [](V v, V d, const std::array<V, 3>& k) {
-            const V masked = V::blendv(V(0), d, (v * k[0] + k[1]) > V(0));
+            const V masked = V::blendv(d, V(0), (v * k[0] + k[1]) <= V(0));
             return std::pair{masked, masked * (v - k[2])};
           },
           [](A v, A d, const std::array<A, 3>& k) {
-            const A masked = (v * k[0] + k[1]) > 0 ? d : A(0);
+            const A masked = (v * k[0] + k[1]) <= 0 ? A(0) : d;
             return std::pair{masked, masked * (v - k[2])};
           });
       std::vector<A> gain(s.C), slope(s.C), offset(s.C);
@@ -186,16 +194,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
         gb[c] = static_cast<A>(sum_dy[c]);
       }
       cpu::channelwise_map<scalar_t, 5>(
-          grad_y.data_ptr<scalar_t>(), yp, dyp, s, {sc, sh, gain.data(), slope.data(), offset.data()},
+          grad_y.data_ptr<scalar_t>(), yp, dyp, s,
+          {sc, sh, gain.data(), slope.data(), offset.data()},
           [](V v, V d, const std::array<V, 5>& k) {
-            return V::blendv(V(0), d * k[2], (v * k[0] + k[1]) > V(0)) + v * k[3] + k[4];
+            return V::blendv(d * k[2], V(0), (v * k[0] + k[1]) <= V(0)) + v * k[3] + k[4];
           },
           [](A v, A d, const std::array<A, 5>& k) {
-            return ((v * k[0] + k[1]) > 0 ? d * k[2] : A(0)) + v * k[3] + k[4];
+            return ((v * k[0] + k[1]) <= 0 ? A(0) : d * k[2]) + v * k[3] + k[4];
           });
     });
   }
-  const auto param_type = weight.has_value() && weight->defined() ? weight->scalar_type() : acc_type;
+  const auto param_type =
+      weight.has_value() && weight->defined() ? weight->scalar_type() : acc_type;
   return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type)};
 }
 

@@ -1,12 +1,12 @@
 // crop_concat on the CPU: one parallel pass over the output, each row (NCHW) or pixel (NHWC) copied
 // from its source with memcpy or zero-filled. Byte copies, so one kernel serves every dtype.
+#include "crop_concat.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
-
-#include "crop_concat.h"
 
 namespace unet_fast {
 namespace {
@@ -25,10 +25,11 @@ std::vector<RawSource> prepare(const std::vector<ShiftedSource>& sources, bool c
   std::vector<RawSource> raw;
   for (const auto& s : sources) {
     at::Tensor t = s.src;
-    const bool inner_ok = channels_last ? (t.stride(1) == 1 || t.size(1) == 1)
-                                        : (t.stride(3) == 1 || t.size(3) == 1);
+    const bool inner_ok =
+        channels_last ? (t.stride(1) == 1 || t.size(1) == 1) : (t.stride(3) == 1 || t.size(3) == 1);
     if (!inner_ok) {
-      t = t.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+      t = t.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                     : at::MemoryFormat::Contiguous);
     }
     keep_alive.push_back(t);
     raw.push_back({static_cast<const char*>(t.const_data_ptr()), s.channel_offset,
@@ -38,7 +39,8 @@ std::vector<RawSource> prepare(const std::vector<ShiftedSource>& sources, bool c
   return raw;
 }
 
-// Writes the W elements of one NCHW output row: the source row shifted right by `left`, zero elsewhere.
+// Writes the W elements of one NCHW output row: the source row shifted right by `left`, zero
+// elsewhere.
 inline void copy_row(char* dst, const char* src, int64_t W, int64_t src_width, int64_t left,
                      int64_t es) {
   const int64_t begin = std::clamp<int64_t>(left, 0, W);

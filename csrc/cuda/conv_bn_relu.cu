@@ -53,7 +53,7 @@ template <typename scalar_t, typename acc_t, bool kBackward>
 __device__ __forceinline__ void accumulate(acc_t v, acc_t d, acc_t shift_or_mean, acc_t scale,
                                            acc_t shift, acc_t& a, acc_t& b) {
   if constexpr (kBackward) {
-    const acc_t masked = v * scale + shift > acc_t(0) ? d : acc_t(0);
+    const acc_t masked = v * scale + shift <= acc_t(0) ? acc_t(0) : d;  // NaN passes, as F.relu
     a += masked;
     b += masked * (v - shift_or_mean);
   } else {
@@ -81,7 +81,8 @@ __global__ void sums_nhwc_kernel(const scalar_t* __restrict__ y, const scalar_t*
                                  Stats<acc_t> stats, acc_t* __restrict__ partial, Layout L,
                                  int64_t chunk) {
   const int64_t groups = L.C / VEC, first_group = int64_t(blockIdx.y) * kThreads;
-  const int lanes = int(groups - first_group < kThreads ? groups - first_group : kThreads), rows = kThreads / lanes;
+  const int lanes = int(groups - first_group < kThreads ? groups - first_group : kThreads),
+            rows = kThreads / lanes;
   const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
   const bool active = row < rows;
   const int64_t c0 = (first_group + lane) * VEC, count = L.N * L.HW;
@@ -201,9 +202,9 @@ __global__ void finalize_forward_kernel(const acc_t* __restrict__ partial, int64
 // Backward coefficients (scale, shift, gain, slope, offset) of grad_y = m dy gain + slope y +
 // offset, and the parameter gradients.
 template <typename acc_t>
-__global__ void finalize_backward_kernel(const acc_t* __restrict__ partial, int64_t parts,
-                                         Layout L, Stats<acc_t> stats, acc_t* coef,
-                                         acc_t* grad_weight, acc_t* grad_bias) {
+__global__ void finalize_backward_kernel(const acc_t* __restrict__ partial, int64_t parts, Layout L,
+                                         Stats<acc_t> stats, acc_t* coef, acc_t* grad_weight,
+                                         acc_t* grad_bias) {
   const int64_t c = blockIdx.x * int64_t(kChannelsPerBlock) + threadIdx.y;
   if (c >= L.C) return;
   double sum, dot;
@@ -224,7 +225,7 @@ __global__ void finalize_backward_kernel(const acc_t* __restrict__ partial, int6
 template <typename acc_t, bool kBackward>
 __device__ __forceinline__ acc_t map_value(acc_t v, acc_t d, const acc_t* k) {
   const acc_t pre = v * k[0] + k[1];
-  if constexpr (kBackward) return (pre > acc_t(0) ? d * k[2] : acc_t(0)) + k[3] * v + k[4];
+  if constexpr (kBackward) return (pre <= acc_t(0) ? acc_t(0) : d * k[2]) + k[3] * v + k[4];
   return (pre > acc_t(0) || pre != pre) ? pre : acc_t(0);
 }
 
@@ -241,7 +242,8 @@ __global__ void map_nhwc_kernel(scalar_t* __restrict__ out, const scalar_t* __re
                                 const scalar_t* __restrict__ dy, const acc_t* __restrict__ coef,
                                 Layout L) {
   const int64_t groups = L.C / VEC, first_group = int64_t(blockIdx.y) * kThreads;
-  const int lanes = int(groups - first_group < kThreads ? groups - first_group : kThreads), rows = kThreads / lanes;
+  const int lanes = int(groups - first_group < kThreads ? groups - first_group : kThreads),
+            rows = kThreads / lanes;
   const int lane = threadIdx.x % lanes, row = threadIdx.x / lanes;
   if (row >= rows) return;
   const int64_t c0 = (first_group + lane) * VEC, pixels = L.N * L.HW;
@@ -278,12 +280,15 @@ __global__ void map_nchw_kernel(scalar_t* __restrict__ out, const scalar_t* __re
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+bool aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
 
 // Calls body.template operator()<VEC>() with 16-byte vectors where every row of the contiguous
 // dimension (channels in NHWC, planes in NCHW) holds whole vectors and the tensors are aligned.
 template <typename scalar_t, typename Body>
-void with_vector_width(const Layout& L, std::initializer_list<const at::Tensor*> tensors, Body body) {
+void with_vector_width(const Layout& L, std::initializer_list<const at::Tensor*> tensors,
+                       Body body) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   bool vectorise = (L.channels_last ? L.C : L.HW) % kVec == 0;
   for (const at::Tensor* t : tensors) vectorise = vectorise && aligned(*t);
@@ -318,7 +323,8 @@ at::Tensor channel_sums(const at::Tensor& y, const at::Tensor& dy, const Stats<a
       const int64_t hw_parts = std::clamp<int64_t>(ceil_div(L.HW, kThreads * VEC * 8), 1,
                                                    std::max<int64_t>(1, 64 / L.N));
       const int64_t chunk = ceil_div(ceil_div(L.HW, hw_parts), VEC) * VEC;
-      partial = at::empty({2, L.C, L.N * hw_parts}, y.options().dtype(c10::CppTypeToScalarType<acc_t>()));
+      partial =
+          at::empty({2, L.C, L.N * hw_parts}, y.options().dtype(c10::CppTypeToScalarType<acc_t>()));
       sums_nchw_kernel<scalar_t, acc_t, VEC, kBackward>
           <<<dim3(L.C, L.N * hw_parts), kThreads, 0, stream>>>(
               y.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), stats,
@@ -330,7 +336,8 @@ at::Tensor channel_sums(const at::Tensor& y, const at::Tensor& dy, const Stats<a
 }
 
 template <typename scalar_t, typename acc_t, bool kBackward>
-at::Tensor channel_map(const at::Tensor& y, const at::Tensor& dy, const acc_t* coef, const Layout& L) {
+at::Tensor channel_map(const at::Tensor& y, const at::Tensor& dy, const acc_t* coef,
+                       const Layout& L) {
   at::Tensor out = at::empty_like(y);
   if (y.numel() == 0) return out;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -371,7 +378,9 @@ at::Tensor as_acc(const Optional& t, at::ScalarType acc_type) {
 }
 
 template <typename acc_t>
-const acc_t* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; }
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
     const at::Tensor& y_in, const Optional& weight_in, const Optional& bias_in, double eps) {
@@ -379,9 +388,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
   const c10::cuda::CUDAGuard guard(y_in.device());
   const at::Tensor y = y_in.contiguous(y_in.suggest_memory_format());
   const Layout L = layout_of(y);
-  TORCH_CHECK(L.N * L.HW != 1, "Expected more than 1 value per channel when training, got input size ",
-              y.sizes());
-  const auto options = y.options().dtype(at::toOpMathType(y.scalar_type()))
+  TORCH_CHECK(L.N * L.HW != 1,
+              "Expected more than 1 value per channel when training, got input size ", y.sizes());
+  const auto options = y.options()
+                           .dtype(at::toOpMathType(y.scalar_type()))
                            .memory_format(at::MemoryFormat::Contiguous);
   // separate tensors: a custom op's outputs must not alias each other
   at::Tensor mean = at::zeros({L.C}, options), invstd = at::zeros({L.C}, options),
@@ -390,17 +400,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
   const at::Tensor weight = as_acc(weight_in, options.dtype().toScalarType());
   const at::Tensor bias = as_acc(bias_in, options.dtype().toScalarType());
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "batch_norm_relu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor partial = channel_sums<scalar_t, acc_t, false>(y, y, {}, L);
-    finalize_forward_kernel<scalar_t, acc_t><<<ceil_div(L.C, kChannelsPerBlock), kFinalizeBlock, 0,
-                                               at::cuda::getCurrentCUDAStream()>>>(
-        partial.const_data_ptr<acc_t>(), partial.size(2), y.const_data_ptr<scalar_t>(), L, eps,
-        ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias), mean.mutable_data_ptr<acc_t>(),
-        invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    out = channel_map<scalar_t, acc_t, false>(y, y, coef.const_data_ptr<acc_t>(), L);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "batch_norm_relu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const at::Tensor partial = channel_sums<scalar_t, acc_t, false>(y, y, {}, L);
+        finalize_forward_kernel<scalar_t, acc_t><<<ceil_div(L.C, kChannelsPerBlock), kFinalizeBlock,
+                                                   0, at::cuda::getCurrentCUDAStream()>>>(
+            partial.const_data_ptr<acc_t>(), partial.size(2), y.const_data_ptr<scalar_t>(), L, eps,
+            ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias), mean.mutable_data_ptr<acc_t>(),
+            invstd.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+            coef.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        out = channel_map<scalar_t, acc_t, false>(y, y, coef.const_data_ptr<acc_t>(), L);
+      });
   return {out, mean, invstd, var};
 }
 
@@ -416,25 +428,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
   const at::Tensor dy = grad_out.to(y.scalar_type()).contiguous(format);
   const Layout L = layout_of(y);
   const auto acc_type = at::toOpMathType(y.scalar_type());
-  const auto param_type = weight_in.has_value() && weight_in->defined() ? weight_in->scalar_type() : acc_type;
+  const auto param_type =
+      weight_in.has_value() && weight_in->defined() ? weight_in->scalar_type() : acc_type;
   const at::Tensor weight = as_acc(weight_in, acc_type), bias = as_acc(bias_in, acc_type);
-  const at::Tensor mean = mean_in.to(acc_type).contiguous(), invstd = invstd_in.to(acc_type).contiguous();
+  const at::Tensor mean = mean_in.to(acc_type).contiguous(),
+                   invstd = invstd_in.to(acc_type).contiguous();
   at::Tensor coef = at::empty({5, L.C}, mean.options());
-  at::Tensor grad_weight = at::zeros({L.C}, mean.options()), grad_bias = at::zeros({L.C}, mean.options());
-  if (L.N * L.HW == 0) return {at::empty_like(y), grad_weight.to(param_type), grad_bias.to(param_type)};
+  at::Tensor grad_weight = at::zeros({L.C}, mean.options()),
+             grad_bias = at::zeros({L.C}, mean.options());
+  if (L.N * L.HW == 0)
+    return {at::empty_like(y), grad_weight.to(param_type), grad_bias.to(param_type)};
   at::Tensor grad_y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "batch_norm_relu_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Stats<acc_t> stats{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-                             ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias)};
-    const at::Tensor partial = channel_sums<scalar_t, acc_t, true>(y, dy, stats, L);
-    finalize_backward_kernel<acc_t><<<ceil_div(L.C, kChannelsPerBlock), kFinalizeBlock, 0,
-                                      at::cuda::getCurrentCUDAStream()>>>(
-        partial.const_data_ptr<acc_t>(), partial.size(2), L, stats, coef.mutable_data_ptr<acc_t>(),
-        grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_y = channel_map<scalar_t, acc_t, true>(y, dy, coef.const_data_ptr<acc_t>(), L);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "batch_norm_relu_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const Stats<acc_t> stats{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                                 ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias)};
+        const at::Tensor partial = channel_sums<scalar_t, acc_t, true>(y, dy, stats, L);
+        finalize_backward_kernel<acc_t><<<ceil_div(L.C, kChannelsPerBlock), kFinalizeBlock, 0,
+                                          at::cuda::getCurrentCUDAStream()>>>(
+            partial.const_data_ptr<acc_t>(), partial.size(2), L, stats,
+            coef.mutable_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(),
+            grad_bias.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_y = channel_map<scalar_t, acc_t, true>(y, dy, coef.const_data_ptr<acc_t>(), L);
+      });
   return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type)};
 }
 
@@ -454,16 +472,20 @@ at::Tensor batch_norm_relu_apply_cuda(const at::Tensor& y_in, const Optional& we
   const Layout L = layout_of(y);
   const auto acc_type = at::toOpMathType(y.scalar_type());
   const at::Tensor weight = as_acc(weight_in, acc_type), bias = as_acc(bias_in, acc_type);
-  const at::Tensor mean = mean_in.to(acc_type).contiguous(), invstd = invstd_in.to(acc_type).contiguous();
+  const at::Tensor mean = mean_in.to(acc_type).contiguous(),
+                   invstd = invstd_in.to(acc_type).contiguous();
   at::Tensor coef = at::empty({2, L.C}, mean.options()), out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "batch_norm_relu_apply", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    affine_kernel<acc_t><<<ceil_div(L.C, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), ptr_or_null<acc_t>(weight),
-         ptr_or_null<acc_t>(bias)}, L.C, coef.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    out = channel_map<scalar_t, acc_t, false>(y, y, coef.const_data_ptr<acc_t>(), L);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "batch_norm_relu_apply", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        affine_kernel<acc_t>
+            <<<ceil_div(L.C, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+                 ptr_or_null<acc_t>(weight), ptr_or_null<acc_t>(bias)},
+                L.C, coef.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        out = channel_map<scalar_t, acc_t, false>(y, y, coef.const_data_ptr<acc_t>(), L);
+      });
   return out;
 }
 

@@ -27,7 +27,8 @@ __device__ __forceinline__ T read(const DeviceSource<T>& s, int64_t n, int64_t c
                                   int64_t w) {
   const int64_t hs = h - s.top, ws = w - s.left;
   if (hs < 0 || hs >= s.height || ws < 0 || ws >= s.width) return T{};  // zero bits: +0.0
-  return s.data[n * s.stride_n + (c - s.channel_begin) * s.stride_c + hs * s.stride_h + ws * s.stride_w];
+  return s.data[n * s.stride_n + (c - s.channel_begin) * s.stride_c + hs * s.stride_h +
+                ws * s.stride_w];
 }
 
 // grid (N * C, row blocks); `lanes` threads per row.
@@ -62,9 +63,17 @@ __global__ void concat_nhwc_kernel(T* __restrict__ dst, int64_t C, int64_t H, in
 // The source in units of T, `group` original elements each.
 template <typename T>
 DeviceSource<T> device_source(const ShiftedSource& s, int64_t group) {
-  return {static_cast<const T*>(s.src.const_data_ptr()), (s.channel_offset + s.src.size(1)) / group,
-          s.channel_offset / group, s.src.size(2), s.src.size(3), s.top, s.left,
-          s.src.stride(0) / group, s.src.stride(1), s.src.stride(2) / group, s.src.stride(3) / group};
+  return {static_cast<const T*>(s.src.const_data_ptr()),
+          (s.channel_offset + s.src.size(1)) / group,
+          s.channel_offset / group,
+          s.src.size(2),
+          s.src.size(3),
+          s.top,
+          s.left,
+          s.src.stride(0) / group,
+          s.src.stride(1),
+          s.src.stride(2) / group,
+          s.src.stride(3) / group};
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -107,8 +116,9 @@ bool vectorisable(const at::Tensor& dst, const std::vector<ShiftedSource>& sourc
 // Fills dst (freshly allocated, dense in its memory format) from one or two shifted sources.
 void shifted_concat(at::Tensor& dst, const std::vector<ShiftedSource>& sources) {
   const c10::cuda::CUDAGuard guard(dst.device());
-  TORCH_CHECK(dst.size(0) * std::max(dst.size(1), dst.size(2)) <= std::numeric_limits<int32_t>::max(),
-              "crop_concat: output of shape ", dst.sizes(), " exceeds the CUDA grid");
+  TORCH_CHECK(
+      dst.size(0) * std::max(dst.size(1), dst.size(2)) <= std::numeric_limits<int32_t>::max(),
+      "crop_concat: output of shape ", dst.sizes(), " exceeds the CUDA grid");
   const ShiftedSource& first = sources.front();
   const ShiftedSource& second = sources.back();
   const bool channels_last = !dst.is_contiguous();
@@ -116,11 +126,16 @@ void shifted_concat(at::Tensor& dst, const std::vector<ShiftedSource>& sources) 
     return launch<uint4>(dst, first, second, true, 16 / dst.element_size());
   }
   switch (dst.element_size()) {
-    case 1: return launch<uint8_t>(dst, first, second, channels_last, 1);
-    case 2: return launch<uint16_t>(dst, first, second, channels_last, 1);
-    case 4: return launch<uint32_t>(dst, first, second, channels_last, 1);
-    case 8: return launch<uint64_t>(dst, first, second, channels_last, 1);
-    default: TORCH_CHECK(false, "crop_concat: unsupported element size ", dst.element_size());
+    case 1:
+      return launch<uint8_t>(dst, first, second, channels_last, 1);
+    case 2:
+      return launch<uint16_t>(dst, first, second, channels_last, 1);
+    case 4:
+      return launch<uint32_t>(dst, first, second, channels_last, 1);
+    case 8:
+      return launch<uint64_t>(dst, first, second, channels_last, 1);
+    default:
+      TORCH_CHECK(false, "crop_concat: unsupported element size ", dst.element_size());
   }
 }
 

@@ -1,4 +1,5 @@
 """Loading U-Net checkpoints of other code bases into unet_fast.UNet."""
+
 import re
 
 import torch
@@ -32,14 +33,23 @@ def from_pytorch_unet(checkpoint, **kwargs) -> UNet:
     try:
         first, head = state["inc.double_conv.0.weight"], state["outc.weight"]
     except KeyError as missing:
-        raise ValueError(f"not a Pytorch-UNet or tutorial UNet checkpoint: no {missing} among "
-                         f"{sorted(checkpoint)[:8]}...") from None
-    model = UNet(first.shape[1], head.shape[0], first.shape[0],
-                 bilinear="up1.up.weight" not in state, **kwargs).to(first.dtype)
+        raise ValueError(
+            f"not a Pytorch-UNet or tutorial UNet checkpoint: no {missing} among "
+            f"{sorted(checkpoint)[:8]}..."
+        ) from None
+    model = UNet(
+        first.shape[1],
+        head.shape[0],
+        first.shape[0],
+        bilinear="up1.up.weight" not in state,
+        **kwargs,
+    ).to(first.dtype)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError("checkpoint does not fit a Pytorch-UNet/tutorial UNet of "
-                         f"{first.shape[1]} channels, {head.shape[0]} classes, width "
-                         f"{first.shape[0]}: missing {result.missing_keys[:6]}, unexpected "
-                         f"{result.unexpected_keys[:6]}")
+        raise ValueError(
+            "checkpoint does not fit a Pytorch-UNet/tutorial UNet of "
+            f"{first.shape[1]} channels, {head.shape[0]} classes, width "
+            f"{first.shape[0]}: missing {result.missing_keys[:6]}, unexpected "
+            f"{result.unexpected_keys[:6]}"
+        )
     return model

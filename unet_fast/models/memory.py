@@ -1,12 +1,20 @@
 """The tutorial's memory tools, made true: estimate_memory and visualize_activations."""
+
 from typing import Sequence, Union
 
 import torch
 
 
-def estimate_memory(batch_size: int, image_size: Union[int, Sequence[int]], base_features: int = 64,
-                    in_channels: int = 3, *, bilinear: bool = False, fused: bool = True,
-                    dtype: torch.dtype = torch.float32) -> int:
+def estimate_memory(
+    batch_size: int,
+    image_size: Union[int, Sequence[int]],
+    base_features: int = 64,
+    in_channels: int = 3,
+    *,
+    bilinear: bool = False,
+    fused: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> int:
     """Bytes autograd keeps for backward in one training step of a same-padding UNet: unet_fast's
     (fused=True) or the tutorial's (fused=False).
 
@@ -33,7 +41,7 @@ def estimate_memory(batch_size: int, image_size: Union[int, Sequence[int]], base
             kept += activation(c_mid, size)
         return kept + 2 * (c_mid + c_out) * stats_width
 
-    f = [base_features * 2 ** i for i in range(5)]
+    f = [base_features * 2**i for i in range(5)]
     factor = 2 if bilinear else 1
     sizes = [(h, w)]
     for _ in range(4):
@@ -47,8 +55,13 @@ def estimate_memory(batch_size: int, image_size: Union[int, Sequence[int]], base
     for k in range(3, -1, -1):
         out = f[k] // factor if k > 0 else f[0]
         kept_input = f[k] if fused else f[k + 1]  # the upsampled half, or the whole join
-        total += double_conv(kept_input, f[k + 1] // 2 if bilinear else out, out, sizes[k],
-                             output_kept=k == 0 or not bilinear)
+        total += double_conv(
+            kept_input,
+            f[k + 1] // 2 if bilinear else out,
+            out,
+            sizes[k],
+            output_kept=k == 0 or not bilinear,
+        )
     return total
 
 
@@ -60,11 +73,19 @@ def visualize_activations(model, image: torch.Tensor):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    names = {"inc": "enc1", "down1": "enc2", "down2": "enc3", "down3": "enc4", "down4": "bottleneck"}
+    names = {
+        "inc": "enc1",
+        "down1": "enc2",
+        "down2": "enc3",
+        "down3": "enc4",
+        "down4": "bottleneck",
+    }
     activations, handles = {}, []
     for attr, name in names.items():
+
         def hook(module, inputs, output, name=name):
             activations[name] = output.detach().float().cpu()
+
         handles.append(getattr(model, attr).register_forward_hook(hook))
     was_training = model.training
     try:

@@ -1,12 +1,13 @@
 """unet_fast.UNet: the tutorial's U-Net on the fused ops, a drop-in for the reference UNet."""
+
 import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import _backend, ops, reference
-from ..ops import recompute
 from ..fuse import fuse
+from ..ops import recompute
 
 
 class FusedModel:
@@ -29,9 +30,12 @@ class FusedModel:
     def layout(self, x):
         """(x in the layout the network runs in, the memory format to return)."""
         fmt = torch._prims_common.suggest_memory_format(x)
-        if (x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and fmt != torch.channels_last
-                and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference"):
+        if (
+            x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and fmt != torch.channels_last
+            and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference"
+        ):
             # a copy, not .contiguous(): with one channel NCHW is already "channels_last
             # contiguous", keeps its NCHW strides, and every layer would then run in NCHW
             x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
@@ -52,9 +56,17 @@ class UNet(FusedModel, reference.UNet):
     the memory format it was given.
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 2, base_features: int = 64,
-                 bilinear: bool = True, *, padding: str = "same", backend: str = "auto",
-                 checkpointing: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        base_features: int = 64,
+        bilinear: bool = True,
+        *,
+        padding: str = "same",
+        backend: str = "auto",
+        checkpointing: bool = False,
+    ):
         super().__init__(in_channels, num_classes, base_features, bilinear, padding=padding)
         self.backend, self.checkpointing = backend, checkpointing
         self.finish()

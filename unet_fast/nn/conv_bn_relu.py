@@ -5,6 +5,7 @@ forward that runs the fused ops. Eval mode folds BatchNorm into the conv once an
 weights until any conv/BN tensor changes (tracked by tensor versions), so train -> eval -> train
 -> eval never uses stale weights.
 """
+
 from typing import Optional
 
 import torch
@@ -19,11 +20,17 @@ from .sync_batch_norm import sync_batch_norm_relu
 
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether a Conv2d -> BatchNorm2d pair has the form the fused ops compute."""
-    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d
-            and conv.out_channels == bn.num_features and conv.groups == 1
-            and conv.stride == (1, 1) and conv.dilation == (1, 1)
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and conv.padding[0] == conv.padding[1])
+    return (
+        type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and conv.out_channels == bn.num_features
+        and conv.groups == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and conv.padding[0] == conv.padding[1]
+    )
 
 
 def recomputing() -> bool:
@@ -54,33 +61,41 @@ def prepack(weight: torch.Tensor, x: torch.Tensor, padding: int) -> torch.Tensor
     """The weight in oneDNN's blocked layout for this input shape, so no convolution reorders it
     again (that reorder dominates deep, small-spatial layers: 512 channels at 32x32 run 1.4x
     faster prepacked). Weights of other devices and dtypes are returned as they are."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
-            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)):
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    ):
         return weight
     return torch._C._nn.mkldnn_reorder_conv2d_weight(
-        weight.to_mkldnn(), [padding] * 2, [1, 1], [1, 1], 1, list(x.shape))
+        weight.to_mkldnn(), [padding] * 2, [1, 1], [1, 1], 1, list(x.shape)
+    )
 
 
 class FoldedWeights:
-    """Eval-mode conv weights with BatchNorm folded in (and prepacked for oneDNN), recomputed only
-    when a source tensor changes (identity, storage or version) or the input shape does."""
+    """Eval-mode conv weights with BatchNorm folded in (and prepacked for oneDNN), one entry per
+    compute dtype (float32, and the autocast dtype under autocast), each recomputed only when a
+    source tensor changes (identity, storage or version) or the input shape does."""
 
     def __init__(self):
-        self.key, self.value = None, None
+        self.entries = {}  # dtype -> (key, (weight, bias))
 
     def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, prepacked: bool):
         sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
-                    for t in sources) + (bn.eps, x.shape, x.dtype, x.device, prepacked)
-        if key != self.key:
+        key = tuple(
+            None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+            for t in sources
+        ) + (bn.eps, x.shape, x.device, prepacked)
+        cached = self.entries.get(x.dtype)
+        if cached is None or cached[0] != key:
             with torch.no_grad():
-                weight, bias = fold(*sources, bn.eps)
-                self.value = (prepack(weight, x, conv.padding[0]) if prepacked else weight), bias
-            self.key = key
-        return self.value
+                weight, bias = fold(*sources, bn.eps, dtype=x.dtype)
+                value = (prepack(weight, x, conv.padding[0]) if prepacked else weight), bias
+            self.entries[x.dtype] = cached = key, value
+        return cached[1]
 
     def __getstate__(self):  # pickling and deepcopy drop the cache; it is rebuilt on demand
-        return {"key": None, "value": None}
+        return {"entries": {}}
 
 
 def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights, sync_group=None):
@@ -89,15 +104,30 @@ def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights, sync_group
     batch_stats, running_mean, running_var, momentum = batch_norm_mode(bn)
     if sync_group is not None and bn.training and torch.distributed.is_initialized():
         y = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=conv.padding)
-        return sync_batch_norm_relu(y, bn.weight, bn.bias, bn.eps, running_mean, running_var,
-                                    momentum, sync_group)
+        return sync_batch_norm_relu(
+            y, bn.weight, bn.bias, bn.eps, running_mean, running_var, momentum, sync_group
+        )
     params = (conv.weight, conv.bias, bn.weight, bn.bias)
-    if batch_stats or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or (
-            torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-        # training, tracing, autocast, or eval that trains parameters: fold (if at all) per call
-        return ops.conv_bn_relu(x, *params, running_mean, running_var, batch_stats, momentum,
-                                bn.eps, conv.padding[0], backend=backend)
-    prepacked = _backend.resolve(backend, x.device, "conv_bn_relu") == "cpu"
+    if (
+        batch_stats
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params))
+    ):
+        # training, tracing, or eval that trains parameters: fold (if at all) per call
+        return ops.conv_bn_relu(
+            x,
+            *params,
+            running_mean,
+            running_var,
+            batch_stats,
+            momentum,
+            bn.eps,
+            conv.padding[0],
+            backend=backend,
+        )
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(x.device.type))  # as autocast casts F.conv2d's input
+    prepacked = _backend.resolve(backend, x.device, "conv_bias_relu") == "cpu"
     return ops.conv_bias_relu(x, *folded(conv, bn, x, prepacked), conv.padding[0], backend=backend)
 
 
@@ -139,8 +169,14 @@ class FusedSequential(nn.Sequential):
         children, i = list(self), 0
         while i < len(children):
             if i in self.folded:
-                x = conv_bn_relu_forward(x, children[i], children[i + 1], self.backend,
-                                         self.folded[i], getattr(self, "sync_group", None))
+                x = conv_bn_relu_forward(
+                    x,
+                    children[i],
+                    children[i + 1],
+                    self.backend,
+                    self.folded[i],
+                    getattr(self, "sync_group", None),
+                )
                 i += 3
             else:
                 x = children[i](x)
@@ -151,15 +187,29 @@ class FusedSequential(nn.Sequential):
 class FusedConvBNReLU(FusedSequential):
     """Conv2d -> BatchNorm2d -> ReLU; state_dict keys 0.* (conv) and 1.* (BN)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True), backend=backend)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        padding: int = 1,
+        bias: bool = False,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            backend=backend,
+        )
 
     def check(self):
         if len(self) != 3 or list(self.folded) != [0]:
-            raise ValueError(f"cannot fuse {list(self)}: needs a stride-1, ungrouped, zero-padded "
-                             "Conv2d feeding a BatchNorm2d of its width, then a ReLU")
+            raise ValueError(
+                f"cannot fuse {list(self)}: needs a stride-1, ungrouped, zero-padded "
+                "Conv2d feeding a BatchNorm2d of its width, then a ReLU"
+            )
 
 
 class FusedDoubleConv(FusedSequential):
@@ -168,27 +218,45 @@ class FusedDoubleConv(FusedSequential):
     Training stores x and both conv outputs only; relu(bn(conv1(x))) is recomputed in backward.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, mid_channels: Optional[int] = None,
-                 padding: int = 1, bias: bool = False, *, backend: str = "auto"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        mid_channels: Optional[int] = None,
+        padding: int = 1,
+        bias: bool = False,
+        *,
+        backend: str = "auto",
+    ):
         mid_channels = mid_channels or out_channels
         super().__init__(
             nn.Conv2d(in_channels, mid_channels, 3, padding=padding, bias=bias),
-            nn.BatchNorm2d(mid_channels), nn.ReLU(inplace=True),
+            nn.BatchNorm2d(mid_channels),
+            nn.ReLU(inplace=True),
             nn.Conv2d(mid_channels, out_channels, 3, padding=padding, bias=bias),
-            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True), backend=backend)
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            backend=backend,
+        )
 
     def check(self):
         if len(self) != 6 or list(self.folded) != [0, 3] or self[0].padding != self[3].padding:
-            raise ValueError("cannot fuse: needs two stride-1, ungrouped, equally zero-padded "
-                             "Conv2d -> BatchNorm2d -> ReLU runs")
+            raise ValueError(
+                "cannot fuse: needs two stride-1, ungrouped, equally zero-padded "
+                "Conv2d -> BatchNorm2d -> ReLU runs"
+            )
 
     def forward(self, x):
         return self.forward_recipe(x)[0]
 
     def fused_training(self, x) -> bool:
         """Whether training runs the double-conv op (synchronised BatchNorm runs per layer)."""
-        return (self[1].training and self[4].training and getattr(self, "sync_group", None) is None
-                and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference")
+        return (
+            self[1].training
+            and self[4].training
+            and getattr(self, "sync_group", None) is None
+            and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference"
+        )
 
     def forward_recipe(self, x):
         """(output, recipe that recomputes it): see unet_fast.ops.recompute; the recipe is None
@@ -196,10 +264,29 @@ class FusedDoubleConv(FusedSequential):
         conv1, bn1, _, conv2, bn2, _ = self
         if self.fused_training(x):
             mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
-            return ops.double_conv(x, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
-                                   mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias,
-                                   mode2[1], mode2[2], True, mode1[3], mode2[3], bn1.eps, bn2.eps,
-                                   conv1.padding[0], backend=self.backend, return_recipe=True)
+            return ops.double_conv(
+                x,
+                conv1.weight,
+                conv1.bias,
+                bn1.weight,
+                bn1.bias,
+                mode1[1],
+                mode1[2],
+                conv2.weight,
+                conv2.bias,
+                bn2.weight,
+                bn2.bias,
+                mode2[1],
+                mode2[2],
+                True,
+                mode1[3],
+                mode2[3],
+                bn1.eps,
+                bn2.eps,
+                conv1.padding[0],
+                backend=self.backend,
+                return_recipe=True,
+            )
         return super().forward(x), None  # eval, or the reference
 
     def forward_joined(self, skip, up, size, recipe=None):
@@ -210,9 +297,28 @@ class FusedDoubleConv(FusedSequential):
         conv1, bn1, _, conv2, bn2, _ = self
         mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
         return recompute.join_double_conv(
-            skip, recipe, up, size, conv1.weight, conv1.bias, bn1.weight, bn1.bias, mode1[1],
-            mode1[2], conv2.weight, conv2.bias, bn2.weight, bn2.bias, mode2[1], mode2[2],
-            mode1[3], mode2[3], bn1.eps, bn2.eps, conv1.padding[0])
+            skip,
+            recipe,
+            up,
+            size,
+            conv1.weight,
+            conv1.bias,
+            bn1.weight,
+            bn1.bias,
+            mode1[1],
+            mode1[2],
+            conv2.weight,
+            conv2.bias,
+            bn2.weight,
+            bn2.bias,
+            mode2[1],
+            mode2[2],
+            mode1[3],
+            mode2[3],
+            bn1.eps,
+            bn2.eps,
+            conv1.padding[0],
+        )
 
 
 def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:

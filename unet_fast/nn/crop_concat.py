@@ -1,4 +1,5 @@
 """CropConcat: the skip connection of a U-Net as a module."""
+
 from torch import nn
 
 from .. import ops

@@ -5,6 +5,7 @@ fused normalise + ReLU kernel with the global statistics. Backward: one all-redu
 per-channel gradient sums. Runs on any backend torch.distributed supports, gloo on the CPU
 included (torch.nn.SyncBatchNorm needs CUDA). Parameter gradients stay local: DDP averages them.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -34,16 +35,22 @@ class SyncBatchNormReLU(torch.autograd.Function):
     def forward(ctx, y, weight, bias, eps, group):
         c = y.shape[1]
         count = y.numel() // max(c, 1)
-        stats = torch.cat([y.sum((0, 2, 3), dtype=torch.float64),
-                           y.double().square().sum((0, 2, 3)),
-                           torch.tensor([float(count)], dtype=torch.float64, device=y.device)])
+        stats = torch.cat(
+            [
+                y.sum((0, 2, 3), dtype=torch.float64),
+                y.double().square().sum((0, 2, 3)),
+                torch.tensor([float(count)], dtype=torch.float64, device=y.device),
+            ]
+        )
         dist.all_reduce(stats, group=group)
         total = stats[-1].item()
         if total <= 1:
-            raise ValueError("Expected more than 1 value per channel when training, got "
-                             f"{int(total)} across all processes")
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got "
+                f"{int(total)} across all processes"
+            )
         mean = stats[:c] / total
-        var = (stats[c:2 * c] / total - mean.square()).clamp_min(0)
+        var = (stats[c : 2 * c] / total - mean.square()).clamp_min(0)
         invstd = torch.rsqrt(var + eps)
         out = _apply(y, weight, bias, mean, invstd)
         ctx.save_for_backward(y, weight, bias, mean, invstd)
@@ -57,19 +64,25 @@ class SyncBatchNormReLU(torch.autograd.Function):
         scale, shift = bn_affine(mean, invstd, weight, bias)
         compute = stats_dtype(y)
         y_c = y.to(compute)
-        # the forward kernel's mask: y scale + shift > 0 with float coefficients
-        mask = y_c * _channels(scale.to(compute)) + _channels(shift.to(compute)) > 0
+        # the kernels' mask (F.relu's, NaN passes) with float coefficients
+        mask = ~(y_c * _channels(scale.to(compute)) + _channels(shift.to(compute)) <= 0)
         a = torch.where(mask, grad_out.to(compute), 0)
         centred = y_c - _channels(mean.to(compute))
-        local = torch.cat([a.sum((0, 2, 3), dtype=torch.float64),
-                           (a * centred).sum((0, 2, 3), dtype=torch.float64)])
+        local = torch.cat(
+            [
+                a.sum((0, 2, 3), dtype=torch.float64),
+                (a * centred).sum((0, 2, 3), dtype=torch.float64),
+            ]
+        )
         sums = local.clone()
         dist.all_reduce(sums, group=ctx.group)
         c = y.shape[1]
         mean_a, mean_b = sums[:c] / ctx.total, sums[c:] / ctx.total
         grad_y = _channels(scale.to(compute)) * (
-            a - _channels(mean_a.to(compute))
-            - centred * _channels((invstd.square() * mean_b).to(compute)))
+            a
+            - _channels(mean_a.to(compute))
+            - centred * _channels((invstd.square() * mean_b).to(compute))
+        )
         grad_weight = None if weight is None else (local[c:] * invstd).to(weight.dtype)
         grad_bias = None if bias is None else local[:c].to(bias.dtype)
         return grad_y.to(y.dtype), grad_weight, grad_bias, None, None

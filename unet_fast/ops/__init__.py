@@ -1,4 +1,5 @@
 """The fused ops: validate inputs, then dispatch to the chosen backend's kernel."""
+
 from .._common import fold
 from .conv_bias_relu import conv_bias_relu
 from .conv_bias_relu import triton_kernels as _triton_conv_bias_relu
@@ -7,8 +8,15 @@ from .conv_bn_relu import triton_kernels as _triton_conv_bn_relu
 from .crop_concat import crop_concat
 from .crop_concat import triton_kernels as _triton_crop_concat
 
-__all__ = ["batch_norm_relu", "conv_bias_relu", "conv_bn_relu", "crop_concat", "double_conv",
-           "fold", "load_triton"]
+__all__ = [
+    "batch_norm_relu",
+    "conv_bias_relu",
+    "conv_bn_relu",
+    "crop_concat",
+    "double_conv",
+    "fold",
+    "load_triton",
+]
 
 
 def load_triton() -> None:

@@ -1,5 +1,6 @@
 """Input validation shared by the public ops (clear Python exceptions before any kernel runs),
 and the autocast rule for their convolution inputs."""
+
 import torch
 
 FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -14,14 +15,17 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
         if t.dtype not in FLOATING:
-            raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+            raise TypeError(
+                f"{op}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
+            )
         if t.dtype != first.dtype:
             raise TypeError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}")
         if t.device != first.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
         if t.shape[0] != first.shape[0]:
-            raise ValueError(f"{op}: {name} has batch size {t.shape[0]} but {first_name} has "
-                             f"{first.shape[0]}")
+            raise ValueError(
+                f"{op}: {name} has batch size {t.shape[0]} but {first_name} has {first.shape[0]}"
+            )
 
 
 def check_size(op: str, size) -> tuple:
@@ -38,29 +42,46 @@ Tensor = torch.Tensor
 def check_conv(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, padding, training):
     check_tensors("conv_bn_relu", x=x)
     if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"conv_bn_relu: weight must be 4-D (C_out, C_in, kH, kW), got "
-                         f"{getattr(weight, 'shape', weight)}")
+        raise ValueError(
+            f"conv_bn_relu: weight must be 4-D (C_out, C_in, kH, kW), got "
+            f"{getattr(weight, 'shape', weight)}"
+        )
     if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"conv_bn_relu: x has {x.shape[1]} channels but weight expects "
-                         f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
+        raise ValueError(
+            f"conv_bn_relu: x has {x.shape[1]} channels but weight expects "
+            f"{weight.shape[1]} (weight shape {tuple(weight.shape)})"
+        )
     if weight.dtype != x.dtype or weight.device != x.device:
-        raise TypeError(f"conv_bn_relu: weight is {weight.dtype} on {weight.device} but x is "
-                        f"{x.dtype} on {x.device}")
+        raise TypeError(
+            f"conv_bn_relu: weight is {weight.dtype} on {weight.device} but x is "
+            f"{x.dtype} on {x.device}"
+        )
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"conv_bn_relu: padding must be a non-negative int, got {padding!r}")
     c_out = weight.shape[0]
-    for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("running_mean", running_mean), ("running_var", running_var)):
+    for name, t in (
+        ("bias", bias),
+        ("bn_weight", bn_weight),
+        ("bn_bias", bn_bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is not None and (t.shape != (c_out,) or t.device != x.device):
-            raise ValueError(f"conv_bn_relu: {name} must have shape ({c_out},) on {x.device}, "
-                             f"got {tuple(t.shape)} on {t.device}")
+            raise ValueError(
+                f"conv_bn_relu: {name} must have shape ({c_out},) on {x.device}, "
+                f"got {tuple(t.shape)} on {t.device}"
+            )
     h, w = (x.shape[i] + 2 * padding - weight.shape[i] + 1 for i in (2, 3))
     if h <= 0 or w <= 0:
-        raise ValueError(f"conv_bn_relu: input {tuple(x.shape[2:])} with padding {padding} is "
-                         f"smaller than the {tuple(weight.shape[2:])} kernel")
+        raise ValueError(
+            f"conv_bn_relu: input {tuple(x.shape[2:])} with padding {padding} is "
+            f"smaller than the {tuple(weight.shape[2:])} kernel"
+        )
     if training and x.shape[0] * h * w == 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input size "
-                         f"{(x.shape[0], c_out, h, w)}")
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{(x.shape[0], c_out, h, w)}"
+        )
 
 
 def autocast_inputs(*tensors):

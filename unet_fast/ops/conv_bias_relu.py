@@ -5,6 +5,7 @@ CPU: oneDNN's convolution with a ReLU post-op (prepacked weights welcome); CUDA:
 in-place ReLU; Triton: an implicit-GEMM convolution with the ReLU in its epilogue. Backward is
 ATen's: the ReLU mask from the output, then convolution_backward.
 """
+
 from typing import Optional
 
 import torch
@@ -29,8 +30,9 @@ def triton_kernels():
     return _triton_kernels
 
 
-def conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int = 1, *,
-                   backend: str = "auto") -> Tensor:
+def conv_bias_relu(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int = 1, *, backend: str = "auto"
+) -> Tensor:
     """relu(conv2d(x, weight, bias, padding=padding)), NaN kept as F.relu keeps it."""
     x, weight, bias = autocast_inputs(x, weight, bias)
     check_conv(x, weight, bias, None, None, None, None, padding, False)
@@ -42,8 +44,9 @@ def conv_bias_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: i
     return torch.ops.unet_fast.conv_bias_relu(x, weight, bias, padding)
 
 
-def conv_bn_relu_eval(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
-                      padding, backend):
+def conv_bn_relu_eval(
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, padding, backend
+):
     """Conv -> BatchNorm (running statistics) -> ReLU, BatchNorm folded into the convolution."""
     folded = fold(weight, bias, bn_weight, bn_bias, running_mean, running_var, eps)
     return conv_bias_relu(x, *folded, padding, backend=backend)
@@ -64,8 +67,17 @@ def _backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
     # F.relu's backward: the gradient passes unless out <= 0 (NaN outputs pass it)
     grad_y = torch.ops.aten.threshold_backward(grad_out, out, 0)
-    grad_x, grad_w, grad_b = conv_backward(grad_y, x, weight, ctx.padding, (
-        ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]))
+    grad_x, grad_w, grad_b = conv_backward(
+        grad_y,
+        x,
+        weight,
+        ctx.padding,
+        (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        ),
+    )
     return grad_x, grad_w, grad_b, None
 
 

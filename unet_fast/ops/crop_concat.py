@@ -4,6 +4,7 @@ Same-padding U-Nets pad the upsampled map to the skip's size; the paper's valid-
 crops the skip to the upsampled map's size. One kernel writes both into the output in one pass;
 its backward is the inverse crop/pad of each channel slice.
 """
+
 from typing import Optional, Sequence
 
 import torch
@@ -11,7 +12,6 @@ import torch
 from .. import _backend, reference
 from .._common import empty_like_layout
 from ._checks import check_size, check_tensors
-
 
 _triton_kernels = None
 
@@ -28,8 +28,13 @@ def triton_kernels():
     return _triton_kernels
 
 
-def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[int]] = None, *,
-                backend: str = "auto") -> torch.Tensor:
+def crop_concat(
+    skip: torch.Tensor,
+    up: torch.Tensor,
+    size: Optional[Sequence[int]] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Concatenate [skip, up] on channels after fitting both to `size` (default: skip's H, W).
 
     Odd differences split like F.pad(x, [d // 2, d - d // 2]). The output follows skip's memory
@@ -48,9 +53,14 @@ def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Optional[Sequence[in
 
 
 def _autocast_promote(skip, up):
-    if (isinstance(skip, torch.Tensor) and isinstance(up, torch.Tensor) and skip.dtype != up.dtype
-            and skip.is_floating_point() and up.is_floating_point()
-            and torch.is_autocast_enabled(skip.device.type)):
+    if (
+        isinstance(skip, torch.Tensor)
+        and isinstance(up, torch.Tensor)
+        and skip.dtype != up.dtype
+        and skip.is_floating_point()
+        and up.is_floating_point()
+        and torch.is_autocast_enabled(skip.device.type)
+    ):
         dtype = torch.promote_types(skip.dtype, up.dtype)
         return skip.to(dtype), up.to(dtype)
     return skip, up
@@ -62,8 +72,10 @@ def _fake_crop_concat(skip, up, size):
 
 def _fake_crop_concat_backward(grad, skip_channels, skip_size, up_size):
     n, c = grad.shape[:2]
-    return (empty_like_layout(grad, (n, skip_channels, *skip_size)),
-            empty_like_layout(grad, (n, c - skip_channels, *up_size)))
+    return (
+        empty_like_layout(grad, (n, skip_channels, *skip_size)),
+        empty_like_layout(grad, (n, c - skip_channels, *up_size)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -74,13 +86,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     grad_skip, grad_up = torch.ops.unet_fast.crop_concat_backward(
-        grad, ctx.skip_channels, ctx.skip_size, ctx.up_size)
+        grad, ctx.skip_channels, ctx.skip_size, ctx.up_size
+    )
     return grad_skip, grad_up, None
 
 
 def _triton_backward(ctx, grad):
     grad_skip, grad_up = _triton_kernels.crop_concat_backward(
-        grad, ctx.skip_channels, list(ctx.skip_size), list(ctx.up_size))
+        grad, ctx.skip_channels, list(ctx.skip_size), list(ctx.up_size)
+    )
     return grad_skip, grad_up, None
 
 
@@ -96,7 +110,9 @@ def _double_backward(ctx, grad_grad_skip, grad_grad_up):
 if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake("unet_fast::crop_concat", _fake_crop_concat)
     torch.library.register_fake("unet_fast::crop_concat_backward", _fake_crop_concat_backward)
-    torch.library.register_autograd("unet_fast::crop_concat", _backward,
-                                    setup_context=_setup_context)
-    torch.library.register_autograd("unet_fast::crop_concat_backward", _double_backward,
-                                    setup_context=_setup_backward_context)
+    torch.library.register_autograd(
+        "unet_fast::crop_concat", _backward, setup_context=_setup_context
+    )
+    torch.library.register_autograd(
+        "unet_fast::crop_concat_backward", _double_backward, setup_context=_setup_backward_context
+    )

@@ -6,6 +6,7 @@ statistics anyway, so a consumer that saves the recipe keeps no activation of it
 uses this for the max pooling after each encoder block (which then keeps no int64 indices either)
 and for the decoder's concatenation + double conv (which would otherwise keep the concatenation).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +32,8 @@ class _MaxPool(torch.autograd.Function):
         x = recompute(ctx.saved_tensors)
         _, indices = F.max_pool2d(x, 2, 2, return_indices=True)
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+            grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+        )
         return (grad_x, *[None] * len(ctx.saved_tensors))
 
 
@@ -47,12 +49,16 @@ class _JoinDoubleConv(torch.autograd.Function):
     """double_conv(crop_concat(skip, up, size)) keeping `up` and skip's recipe, not the join."""
 
     @staticmethod
-    def forward(ctx, skip, up, size, eps1, eps2, padding, w1, b1, g1, be1, w2, b2, g2, be2, *recipe):
+    def forward(
+        ctx, skip, up, size, eps1, eps2, padding, w1, b1, g1, be1, w2, b2, g2, be2, *recipe
+    ):
         joined = unet_fast.crop_concat(skip, up, size)
         out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2 = unet_fast.double_conv(
-            joined, w1, b1, g1, be1, w2, b2, g2, be2, eps1, eps2, padding)
-        ctx.save_for_backward(up, w1, y1, g1, be1, mean1, invstd1, w2, y2, g2, be2, mean2,
-                              invstd2, *recipe)
+            joined, w1, b1, g1, be1, w2, b2, g2, be2, eps1, eps2, padding
+        )
+        ctx.save_for_backward(
+            up, w1, y1, g1, be1, mean1, invstd1, w2, y2, g2, be2, mean2, invstd2, *recipe
+        )
         ctx.meta = (skip.shape[1], skip.shape[-2:], size, padding, b1 is not None, b2 is not None)
         ctx.mark_non_differentiable(y1, y2, mean1, var1, mean2, var2)
         ctx.set_materialize_grads(False)
@@ -61,33 +67,114 @@ class _JoinDoubleConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_):
         up, w1, y1, g1, be1, mean1, invstd1, w2, y2, g2, be2, mean2, invstd2, *recipe = (
-            ctx.saved_tensors)
+            ctx.saved_tensors
+        )
         skip_channels, skip_size, size, padding, has_b1, has_b2 = ctx.meta
         none = (None,) * (14 + len(recipe))
         if grad_out is None:
             return none
         joined = unet_fast.crop_concat(recompute(recipe), up, size)
-        g = unet_fast.double_conv_backward(grad_out, joined, w1, has_b1, y1, g1, be1, mean1,
-                                           invstd1, w2, has_b2, y2, g2, be2, mean2, invstd2,
-                                           padding, True)
-        grad_skip, grad_up = unet_fast.crop_concat_backward(g[0], skip_channels, skip_size,
-                                                            up.shape[-2:])
-        return (grad_skip, grad_up, None, None, None, None, g[1], g[2] if has_b1 else None,
-                g[3], g[4], g[5], g[6] if has_b2 else None, g[7], g[8], *none[14:])
+        g = unet_fast.double_conv_backward(
+            grad_out,
+            joined,
+            w1,
+            has_b1,
+            y1,
+            g1,
+            be1,
+            mean1,
+            invstd1,
+            w2,
+            has_b2,
+            y2,
+            g2,
+            be2,
+            mean2,
+            invstd2,
+            padding,
+            True,
+        )
+        grad_skip, grad_up = unet_fast.crop_concat_backward(
+            g[0], skip_channels, skip_size, up.shape[-2:]
+        )
+        return (
+            grad_skip,
+            grad_up,
+            None,
+            None,
+            None,
+            None,
+            g[1],
+            g[2] if has_b1 else None,
+            g[3],
+            g[4],
+            g[5],
+            g[6] if has_b2 else None,
+            g[7],
+            g[8],
+            *none[14:],
+        )
 
 
-def join_double_conv(skip, recipe, up, size, weight1, bias1, bn_weight1, bn_bias1, running_mean1,
-                     running_var1, weight2, bias2, bn_weight2, bn_bias2, running_mean2,
-                     running_var2, momentum1, momentum2, eps1, eps2, padding):
+def join_double_conv(
+    skip,
+    recipe,
+    up,
+    size,
+    weight1,
+    bias1,
+    bn_weight1,
+    bn_bias1,
+    running_mean1,
+    running_var1,
+    weight2,
+    bias2,
+    bn_weight2,
+    bn_bias2,
+    running_mean2,
+    running_var2,
+    momentum1,
+    momentum2,
+    eps1,
+    eps2,
+    padding,
+):
     """Training-mode double_conv(crop_concat(skip, up, size)) for a `skip` that is a double conv's
     output with `recipe`: keeps `up` and the recipe for backward instead of the concatenation."""
     up, weight1, bias1, weight2, bias2 = autocast_inputs(up, weight1, bias1, weight2, bias2)
-    check_double_conv(skip.new_zeros(()).expand(skip.shape[0], skip.shape[1] + up.shape[1], *size),
-                      weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1,
-                      weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2, padding)
+    check_double_conv(
+        skip.new_zeros(()).expand(skip.shape[0], skip.shape[1] + up.shape[1], *size),
+        weight1,
+        bias1,
+        bn_weight1,
+        bn_bias1,
+        running_mean1,
+        running_var1,
+        weight2,
+        bias2,
+        bn_weight2,
+        bn_bias2,
+        running_mean2,
+        running_var2,
+        padding,
+    )
     out, y1, y2, mean1, var1, mean2, var2 = _JoinDoubleConv.apply(
-        skip, up, tuple(size), eps1, eps2, padding, weight1, bias1, bn_weight1, bn_bias1,
-        weight2, bias2, bn_weight2, bn_bias2, *recipe)
+        skip,
+        up,
+        tuple(size),
+        eps1,
+        eps2,
+        padding,
+        weight1,
+        bias1,
+        bn_weight1,
+        bn_bias1,
+        weight2,
+        bias2,
+        bn_weight2,
+        bn_bias2,
+        *recipe,
+    )
     update_running_stats(running_mean1, running_var1, mean1, var1, momentum1, y1[:, 0].numel())
     update_running_stats(running_mean2, running_var2, mean2, var2, momentum2, y2[:, 0].numel())
     return out

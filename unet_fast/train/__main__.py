@@ -1,7 +1,8 @@
 """python -m unet_fast.train ARGS (= unet-fast train ARGS), for torchrun:
 
-    torchrun --nproc_per_node 2 -m unet_fast.train --sync-bn ...
+torchrun --nproc_per_node 2 -m unet_fast.train --sync-bn ...
 """
+
 import sys
 
 from ..cli import main

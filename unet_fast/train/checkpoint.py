@@ -5,6 +5,7 @@ A checkpoint is a dict: {"format", "version", "model": {"class", "kwargs"}, "sta
 "scheduler", "epoch", "best", "bad_epochs", "seconds", "rng", "history", and with a weight
 average (which "state_dict" then holds) "train_state_dict"}.
 """
+
 import os
 import random
 import tempfile
@@ -13,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import models
+from ..models.registry import MODELS
 
 FORMAT, VERSION = "unet_fast.checkpoint", 1
-MODEL_CLASSES = {cls.__name__: cls for cls in (models.unet.UNet, models.variants.AttentionUNet,
-                                                models.variants.ResUNet,
-                                                models.variants.UNetPlusPlus)}
+MODEL_CLASSES = {cls.__name__: cls for cls in MODELS.values()}  # a checkpoint names the class
 
 
 class CheckpointError(ValueError):
@@ -51,14 +50,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, pickle of something else, plain text...
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
+        details = str(error).splitlines()[0] if str(error) else "no details"
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {details})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a unet_fast training checkpoint (saved by "
-                              "`unet-fast train` or unet_fast.train.fit)")
+        raise CheckpointError(
+            f"{path} is not a unet_fast training checkpoint (saved by "
+            "`unet-fast train` or unet_fast.train.fit)"
+        )
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; this "
-                              f"unet_fast reads version {VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint version {state.get('version')}; this "
+            f"unet_fast reads version {VERSION}"
+        )
     return state
 
 
@@ -84,16 +89,20 @@ def load_model(path, map_location="cpu"):
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit {state['model']['class']} "
-                              f"({str(error).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit {state['model']['class']} ({str(error).splitlines()[0]})"
+        ) from None
     return model.to(map_location).eval(), state
 
 
 def rng_state() -> dict:
     """Every generator's state, in types a weights_only load accepts."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

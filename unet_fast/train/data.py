@@ -5,8 +5,10 @@ Every sample is `(image, mask)`: the image a float32 tensor C×H×W (values in [
 transform normalises them), the mask a float32 tensor 1×H×W of 0/1 for binary tasks or an int64
 tensor H×W of class indices for multi-class tasks; ignored pixels hold `ignore_index` in both.
 A transform is called as `transform(image=HxWxC float32 array, mask=HxW int32 array)` and
-returns a dict with "image" and "mask" (albumentations' convention, see `unet_fast.augment`).
+returns a dict with "image" and "mask" (albumentations' convention, see augment.py). The
+files themselves are read by images.py.
 """
+
 import os
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -15,98 +17,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from .images import SUFFIXES, page_sizes, read_image, read_mask
 from .synthetic import cell_sample
 
-SUFFIXES = (".png", ".tif", ".tiff")
 ISBI_TRAIN, ISBI_VAL = range(0, 20), range(20, 24)  # contiguous: neighbouring slices correlate
 
 
 def _listing(names: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _is_tiff(path: Path) -> bool:
-    return path.suffix.lower() in (".tif", ".tiff")
-
-
-def _read_raw(path: Path, page: int = 0) -> np.ndarray:
-    """The stored values of one image or TIFF page: H×W or H×W×C, dtype as stored."""
-    if _is_tiff(path):
-        import tifffile
-
-        array = tifffile.imread(path, key=page)
-        if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-            array = array.transpose(1, 2, 0)  # planar RGB(A)
-        return array
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.mode == "P":  # palette images hold colours; palette masks are read by _read_mask
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        elif image.mode == "1":
-            image = image.convert("L")
-        array = np.asarray(image)
-    return array.astype(array.dtype.newbyteorder("="))  # big-endian 16-bit PNGs
-
-
-def _page_sizes(path: Path) -> list[tuple[int, int]]:
-    """(H, W) of every page (one for PNG) from the file header, without decoding pixels."""
-    if _is_tiff(path):
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            return [(page.imagelength, page.imagewidth) for page in tif.pages]
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return [(image.height, image.width)]
-
-
-def read_image(path, page: int = 0, channels: int | None = None) -> np.ndarray:
-    """One image (or one page of a TIFF stack) as float32 H×W×C in [0, 1]: integer types are
-    divided by their maximum (255, 65535, ...), floats kept; alpha dropped. `channels` 1 or 3
-    converts grey↔RGB (ITU-R 601 luma for RGB→grey); None keeps what is stored."""
-    path = Path(path)
-    array = _read_raw(path, page)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3:
-        raise ValueError(f"{path}: expected a 2-D image, got an array of shape {array.shape}")
-    if array.shape[-1] in (2, 4):
-        array = array[..., :-1]
-    scale = np.iinfo(array.dtype).max if np.issubdtype(array.dtype, np.integer) else 1
-    image = array.astype(np.float32) / np.float32(scale)
-    have = image.shape[-1]
-    if channels is None or channels == have:
-        return np.ascontiguousarray(image)
-    if channels == 3 and have == 1:
-        return np.repeat(image, 3, axis=-1)
-    if channels == 1 and have == 3:
-        return image @ np.array([[0.299], [0.587], [0.114]], np.float32)
-    raise ValueError(f"{path}: cannot convert a {have}-channel image to {channels} channels")
-
-
-def _read_mask(path: Path, page: int) -> np.ndarray:
-    """Stored mask values H×W: palette indices for palette PNGs, one channel of a grey RGB(A)."""
-    if _is_tiff(path):
-        import tifffile
-
-        mask = tifffile.imread(path, key=page)
-    else:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            mask = np.asarray(image)  # mode P gives the indices, which are the classes
-    if mask.ndim == 3:
-        colour = mask[..., :3] if mask.shape[-1] >= 3 else mask[..., :1]
-        if (colour != colour[..., :1]).any():
-            raise ValueError(f"{path}: colour masks are not supported; store class values in a "
-                             "single-channel (grey or palette) image")
-        mask = colour[..., 0]
-    if mask.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D mask, got an array of shape {mask.shape}")
-    return mask.astype(np.int64)
 
 
 def binary_classes(foreground: int | None = None) -> dict[int, int]:
@@ -118,8 +37,12 @@ def binary_classes(foreground: int | None = None) -> dict[int, int]:
     return {value: int(value == foreground) for value in {0, 1, 255, foreground}}
 
 
-def map_mask(mask: np.ndarray, classes: Mapping[int, int], ignore_index: int | None = None,
-             name: str = "mask") -> np.ndarray:
+def map_mask(
+    mask: np.ndarray,
+    classes: Mapping[int, int],
+    ignore_index: int | None = None,
+    name: str = "mask",
+) -> np.ndarray:
     """Stored values → class indices (int32). A stored value equal to `ignore_index` and absent
     from `classes` stays ignored; any other value not in `classes` is a ValueError naming it."""
     table = dict(classes)
@@ -128,15 +51,18 @@ def map_mask(mask: np.ndarray, classes: Mapping[int, int], ignore_index: int | N
     values = np.unique(mask)
     unexpected = [int(v) for v in values if int(v) not in table]
     if unexpected:
-        raise ValueError(f"{name}: unexpected mask values {_listing([str(v) for v in unexpected])}"
-                         f"; the class mapping covers {sorted(table)}")
+        raise ValueError(
+            f"{name}: unexpected mask values {_listing([str(v) for v in unexpected])}"
+            f"; the class mapping covers {sorted(table)}"
+        )
     keys = np.array(sorted(table))
     targets = np.array([table[k] for k in keys], np.int32)
     return targets[np.searchsorted(keys, mask)]
 
 
-def _sample_tensors(image: np.ndarray, mask: np.ndarray, transform: Callable | None,
-                    binary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_tensors(
+    image: np.ndarray, mask: np.ndarray, transform: Callable | None, binary: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     if transform is not None:
         out = transform(image=image, mask=mask)
         image, mask = out["image"], out["mask"]
@@ -153,12 +79,14 @@ def seed_transform(transform, seed: int) -> None:
     own. albumentations' `set_random_seed` hands every child the same seed, so two transforms
     that draw alike agree on every sample: HorizontalFlip and VerticalFlip (p=0.5 each) would
     always flip together and no mirror image would ever be drawn. Others are left alone."""
+
     def visit(node, sequence: np.random.SeedSequence) -> None:
         node.set_random_seed(int(sequence.generate_state(1)[0]))  # a Compose reseeds its
-        children = getattr(node, "transforms", [])                # children: overwritten next
+        children = getattr(node, "transforms", [])  # children: overwritten next
         for child, child_sequence in zip(children, sequence.spawn(len(children))):
             if hasattr(child, "set_random_seed"):
                 visit(child, child_sequence)
+
     if hasattr(transform, "set_random_seed"):
         visit(transform, np.random.SeedSequence(seed))
 
@@ -210,8 +138,10 @@ def _files(folder: Path, what: str) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in SUFFIXES and not path.name.startswith("."):
             if path.stem in found:
-                raise ValueError(f"{folder}: two files named {path.stem}: "
-                                 f"{found[path.stem].name} and {path.name}")
+                raise ValueError(
+                    f"{folder}: two files named {path.stem}: "
+                    f"{found[path.stem].name} and {path.name}"
+                )
             found[path.stem] = path
     if not found:
         raise ValueError(f"{what} folder {folder} holds no PNG or TIFF files")
@@ -220,9 +150,11 @@ def _files(folder: Path, what: str) -> dict[str, Path]:
 
 def _check_size(sample: Sample, image_size, mask_size) -> None:
     if tuple(image_size) != tuple(mask_size):
-        raise ValueError(f"{sample.name}: mask size {mask_size[0]}x{mask_size[1]} does not match "
-                         f"image size {image_size[0]}x{image_size[1]} (HxW) "
-                         f"({sample.image} and {sample.mask})")
+        raise ValueError(
+            f"{sample.name}: mask size {mask_size[0]}x{mask_size[1]} does not match "
+            f"image size {image_size[0]}x{image_size[1]} (HxW) "
+            f"({sample.image} and {sample.mask})"
+        )
 
 
 def _pair(image_dir: Path, mask_dir: Path, mask_suffix: str) -> list[Sample]:
@@ -240,11 +172,12 @@ def _pair(image_dir: Path, mask_dir: Path, mask_suffix: str) -> list[Sample]:
     samples = []
     for stem, image in images.items():
         mask = masks[stem + mask_suffix]
-        sizes, mask_sizes = _page_sizes(image), _page_sizes(mask)
+        sizes, mask_sizes = page_sizes(image), page_sizes(mask)
         if len(sizes) != len(mask_sizes):
-            raise ValueError(f"{image.name}: {len(sizes)} pages but its mask {mask.name} has "
-                             f"{len(mask_sizes)}")
-        for page, (size, mask_size) in enumerate(zip(sizes, mask_sizes)):
+            raise ValueError(
+                f"{image.name}: {len(sizes)} pages but its mask {mask.name} has {len(mask_sizes)}"
+            )
+        for page, (size, mask_size) in enumerate(zip(sizes, mask_sizes, strict=True)):
             sample = Sample(stem if len(sizes) == 1 else f"{stem}#{page}", image, mask, page)
             _check_size(sample, size, mask_size)
             samples.append(sample)
@@ -268,11 +201,21 @@ class SegmentationFolder(_SegmentationData):
     missing folder).
     """
 
-    def __init__(self, image_dir, mask_dir, *, classes: Mapping[int, int] | None = None,
-                 foreground: int | None = None, ignore_index: int | None = None,
-                 binary: bool | None = None, channels: int | None = None,
-                 transform: Callable | None = None, indices: Sequence[int] | None = None,
-                 mask_suffix: str = "", cache: bool = False):
+    def __init__(
+        self,
+        image_dir,
+        mask_dir,
+        *,
+        classes: Mapping[int, int] | None = None,
+        foreground: int | None = None,
+        ignore_index: int | None = None,
+        binary: bool | None = None,
+        channels: int | None = None,
+        transform: Callable | None = None,
+        indices: Sequence[int] | None = None,
+        mask_suffix: str = "",
+        cache: bool = False,
+    ):
         if classes is not None and foreground is not None:
             raise ValueError("give either classes or foreground, not both")
         self.classes = dict(classes) if classes is not None else binary_classes(foreground)
@@ -290,8 +233,10 @@ class SegmentationFolder(_SegmentationData):
         if indices is not None:
             bad = [i for i in indices if not -len(samples) <= i < len(samples)]
             if bad:
-                raise ValueError(f"sample indices {bad} out of range: {self.image_dir} holds "
-                                 f"{len(samples)} samples")
+                raise ValueError(
+                    f"sample indices {bad} out of range: {self.image_dir} holds "
+                    f"{len(samples)} samples"
+                )
             samples = [samples[i] for i in indices]
         self.samples = samples
         self._cache = {} if cache else None
@@ -305,7 +250,7 @@ class SegmentationFolder(_SegmentationData):
             return tuple(array.copy() for array in self._cache[index])
         sample = self.samples[index]
         image = read_image(sample.image, sample.page, self.channels)
-        raw = _read_mask(sample.mask, sample.page)
+        raw = read_mask(sample.mask, sample.page)
         _check_size(sample, image.shape[:2], raw.shape)
         mask = map_mask(raw, self.classes, self.ignore_index, str(sample.mask))
         if self._cache is not None:
@@ -329,16 +274,21 @@ def find_image_mask_folders(root) -> tuple[Path, Path]:
             for masks in ("label", "labels", "mask", "masks"):
                 if (base / images).is_dir() and (base / masks).is_dir():
                     return base / images, base / masks
-    raise FileNotFoundError(f"no image/mask folders in {root}: expected train/image and "
-                            "train/label (ISBI 2012), or images/ beside masks/ or labels/")
+    raise FileNotFoundError(
+        f"no image/mask folders in {root}: expected train/image and "
+        "train/label (ISBI 2012), or images/ beside masks/ or labels/"
+    )
 
 
 def default_isbi_root() -> Path | None:
     """The ISBI 2012 data if present: $UNET_FAST_ISBI, else ../shared/data/isbi2012 beside the
     repository or the working directory (where the project keeps it; it is not redistributed)."""
     beside = Path("..") / "shared" / "data" / "isbi2012"
-    candidates = [os.environ.get("UNET_FAST_ISBI"), Path(__file__).resolve().parents[2] / beside,
-                  Path.cwd() / beside]
+    candidates = [
+        os.environ.get("UNET_FAST_ISBI"),
+        Path(__file__).resolve().parents[2] / beside,
+        Path.cwd() / beside,
+    ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "train" / "image").is_dir():
             return Path(candidate).resolve()
@@ -365,9 +315,18 @@ class SyntheticCells(_SegmentationData):
     0 interior, 1 membrane, 2 organelle.
     """
 
-    def __init__(self, length: int = 64, size: int | tuple[int, int] = 128, *, seed: int = 0,
-                 multiclass: bool = False, channels: int = 1, cell_size: float = 24.0,
-                 noise: float = 0.05, transform: Callable | None = None):
+    def __init__(
+        self,
+        length: int = 64,
+        size: int | tuple[int, int] = 128,
+        *,
+        seed: int = 0,
+        multiclass: bool = False,
+        channels: int = 1,
+        cell_size: float = 24.0,
+        noise: float = 0.05,
+        transform: Callable | None = None,
+    ):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.length, self.seed, self.channels = length, seed, channels

@@ -8,6 +8,7 @@ Edge cases, by definition: a class absent from both target and prediction has Di
 (nothing to find, nothing falsely found); with no pixel to score (all ignored) the pixel error
 is 0.
 """
+
 import math
 
 import torch
@@ -31,22 +32,26 @@ def _labels(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.long()
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int | None = None) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None
+) -> torch.Tensor:
     """num_classes × num_classes int64 counts of (target, predicted) pairs over non-ignored
     pixels. `pred` and `target` are labels, B×H×W or B×1×H×W (binary float masks work)."""
     pred, target = _labels(pred, "pred"), _labels(target, "target")
     if pred.shape != target.shape:
-        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"pred and target shapes differ: {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     if ignore_index is not None:
         pred, target = pred[target != ignore_index], target[target != ignore_index]
     pred, target = pred.flatten(), target.flatten()
     for name, labels in (("pred", pred), ("target", target)):
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} holds labels outside 0..{num_classes - 1}: "
-                             f"{sorted(set(labels.unique().tolist()) - set(range(num_classes)))}")
-    counts = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2)
+            raise ValueError(
+                f"{name} holds labels outside 0..{num_classes - 1}: "
+                f"{sorted(set(labels.unique().tolist()) - set(range(num_classes)))}"
+            )
+    counts = torch.bincount(target * num_classes + pred, minlength=num_classes**2)
     return counts.view(num_classes, num_classes)
 
 
@@ -91,8 +96,10 @@ def iou(pred, target, num_classes: int = 2, ignore_index: int | None = None) -> 
     return iou_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))
 
 
-def pixel_error(pred, target, num_classes: int = 2, ignore_index: int | None = None,
-                per_class: bool = True) -> torch.Tensor:
+def pixel_error(
+    pred, target, num_classes: int = 2, ignore_index: int | None = None, per_class: bool = True
+) -> torch.Tensor:
     """Per-class (or overall) pixel error of labels `pred` against `target`."""
-    return pixel_error_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index),
-                                      per_class)
+    return pixel_error_from_confusion(
+        confusion_matrix(pred, target, num_classes, ignore_index), per_class
+    )

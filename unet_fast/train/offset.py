@@ -9,16 +9,16 @@ view itself, turns the logits back to the sample's own orientation and passes th
 structure, the convolution the offset (a fractional shift is a 3×3 interpolation kernel).
 Validation and prediction apply it to the (view-averaged) logits.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .predict import symmetric_mean, turn, turn_back
+from .symmetry import symmetric_mean, turn, turn_back
 
 # albumentations transforms that turn the image: with learn_offset the loop draws the views
-TURNING = ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose", "D4",
-           "SquareSymmetry")
+TURNING = ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose", "D4", "SquareSymmetry")
 
 
 class LabelOffset(nn.Module):
@@ -40,8 +40,9 @@ class LabelOffset(nn.Module):
         weight = self.weight.detach()[:, 0]
         offsets = torch.arange(-1.0, 2.0, device=weight.device)
         total = weight.sum((1, 2))
-        return torch.stack([(weight.sum(2) * offsets).sum(1) / total,
-                            (weight.sum(1) * offsets).sum(1) / total], 1)
+        return torch.stack(
+            [(weight.sum(2) * offsets).sum(1) / total, (weight.sum(1) * offsets).sum(1) / total], 1
+        )
 
 
 def load_offset(state: dict, channels: int, path) -> LabelOffset | None:
@@ -52,8 +53,10 @@ def load_offset(state: dict, channels: int, path) -> LabelOffset | None:
     try:
         offset.load_state_dict(state["offset"])
     except (RuntimeError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{path}: its label offset does not fit the model's {channels} "
-                              f"outputs ({str(error).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: its label offset does not fit the model's {channels} "
+            f"outputs ({str(error).splitlines()[0]})"
+        ) from None
     return offset.to(state["offset"]["weight"].device)
 
 
@@ -61,7 +64,7 @@ class OffsetModel(nn.Module):
     """`model` followed by an optional LabelOffset: what fit trains, averages and validates.
 
     `forward(images, views)` turns each image to its view (a (quarter turns, mirror) pair, as in
-    `predict.SYMMETRIES`), runs the model on the batch and turns each sample's logits back
+    `symmetry.SYMMETRIES`), runs the model on the batch and turns each sample's logits back
     before the offset; `predict(images, tta, symmetry)` is validation's and prediction's path."""
 
     def __init__(self, model: nn.Module, offset: LabelOffset | None = None):
@@ -75,27 +78,37 @@ class OffsetModel(nn.Module):
         if views is None:
             return self._offset(self.model(images))
         if images.shape[-1] != images.shape[-2] and any(turns % 2 for turns, _ in views):
-            raise ValueError(f"quarter turns of {tuple(images.shape[-2:])} crops would not stack: "
-                             "use square crops or --symmetry hflip")
-        layout = (torch.channels_last if images.is_contiguous(memory_format=torch.channels_last)
-                  else torch.contiguous_format)
+            raise ValueError(
+                f"quarter turns of {tuple(images.shape[-2:])} crops would not stack: "
+                "use square crops or --symmetry hflip"
+            )
+        layout = (
+            torch.channels_last
+            if images.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
         turned = torch.stack([turn(x, view) for x, view in zip(images, views)])
         logits = self.model(turned.contiguous(memory_format=layout))
         return self._offset(torch.stack([turn_back(y, view) for y, view in zip(logits, views)]))
 
-    def predict(self, images: torch.Tensor, tta: bool = False,
-                symmetry: str = "dihedral") -> torch.Tensor:
+    def predict(
+        self, images: torch.Tensor, tta: bool = False, symmetry: str = "dihedral"
+    ) -> torch.Tensor:
         logits = symmetric_mean(self.model, images, symmetry) if tta else self.model(images)
         return self._offset(logits)
 
 
 def check_transform_keeps_orientation(transform) -> None:
     """learn_offset draws the views in the loop; a transform that also turns would undo it."""
+
     def names(node):
         yield type(node).__name__
         for child in getattr(node, "transforms", []):
             yield from names(child)
+
     found = sorted(set(names(transform)) & set(TURNING)) if transform is not None else []
     if found:
-        raise ValueError(f"learn_offset draws flips and rotations itself; the training transform "
-                         f"must not ({', '.join(found)}): build it with symmetry='none'")
+        raise ValueError(
+            f"learn_offset draws flips and rotations itself; the training transform "
+            f"must not ({', '.join(found)}): build it with symmetry='none'"
+        )

@@ -1,4 +1,5 @@
-"""Generated cell images with known classes (the pixels behind `unet_fast.data.SyntheticCells`)."""
+"""Generated cell images with known classes (the pixels behind `data.SyntheticCells`)."""
+
 import numpy as np
 
 INTERIOR, MEMBRANE, ORGANELLE = 0, 1, 2
@@ -9,14 +10,20 @@ def _smooth(image: np.ndarray, passes: int = 2) -> np.ndarray:
     for _ in range(passes):
         for axis in (0, 1):
             padded = np.pad(image, [(1, 1) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
-            lo, mid, hi = (np.take(padded, range(k, k + image.shape[axis]), axis=axis)
-                           for k in range(3))
+            lo, mid, hi = (
+                np.take(padded, range(k, k + image.shape[axis]), axis=axis) for k in range(3)
+            )
             image = 0.25 * lo + 0.5 * mid + 0.25 * hi
     return image
 
 
-def cell_sample(rng: np.random.Generator, size: tuple[int, int], cell_size: float = 24.0,
-                noise: float = 0.05, membrane_width: float = 2.5):
+def cell_sample(
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    cell_size: float = 24.0,
+    noise: float = 0.05,
+    membrane_width: float = 2.5,
+):
     """One image (H×W float32 in [0, 1]) and its classes (H×W int32: 0 interior, 1 membrane,
     2 organelle).
 
@@ -64,8 +71,9 @@ def cell_sample(rng: np.random.Generator, size: tuple[int, int], cell_size: floa
         u = dx * np.cos(angle) + dy * np.sin(angle)
         v = -dx * np.sin(angle) + dy * np.cos(angle)
         window = classes[rows, cols]
-        window[((u / a) ** 2 + (v / b) ** 2 <= 1) & (nearest[rows, cols] == k)
-               & (window == INTERIOR)] = ORGANELLE
+        window[
+            ((u / a) ** 2 + (v / b) ** 2 <= 1) & (nearest[rows, cols] == k) & (window == INTERIOR)
+        ] = ORGANELLE
 
     brightness = rng.uniform(0.55, 0.85, gh * gw)[nearest]  # each cell its own shade
     image = np.select([classes == MEMBRANE, classes == ORGANELLE], [0.15, 0.35], brightness)

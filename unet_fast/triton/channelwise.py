@@ -6,6 +6,7 @@ contiguous axis is the layout's (channels in NHWC, positions in NCHW), so loads 
 and no per-element division is needed. Statistics are accumulated in float32 per program and
 combined across programs in float64 by the launcher.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -19,8 +20,17 @@ TILE = 2048  # elements per program step of the elementwise and reduction kernel
 
 
 @triton.jit
-def _tile(part, block_c, C, HW, PIXELS, CHUNK, HW_PARTS, BLOCK_C: tl.constexpr,
-          CHANNELS_LAST: tl.constexpr):
+def _tile(
+    part,
+    block_c,
+    C,
+    HW,
+    PIXELS,
+    CHUNK,
+    HW_PARTS,
+    BLOCK_C: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+):
     """A program's rows [begin, end), its channels, and how rows and channels map to offsets:
     NHWC rows are pixels (stride C, channels contiguous); NCHW rows are positions in one sample's
     plane (contiguous, channel stride HW). The 1 strides are literal, so loads coalesce."""
@@ -41,8 +51,11 @@ def channel_sums_kernel(
     dy_ptr,  # gradient, same shape and layout (read only when BACKWARD)
     coef_ptr,  # float32 (3, C), backward only: scale, shift, mean
     partial_ptr,  # float32 (2, C, parts): per-program sums of a and of b
-    C, HW, PIXELS,  # channels, pixels per plane, N * HW
-    CHUNK, HW_PARTS,  # rows per program; NCHW: programs per plane
+    C,
+    HW,
+    PIXELS,  # channels, pixels per plane, N * HW
+    CHUNK,
+    HW_PARTS,  # rows per program; NCHW: programs per plane
     BLOCK_P: tl.constexpr,  # rows per step
     BLOCK_C: tl.constexpr,  # channels per program
     CHANNELS_LAST: tl.constexpr,
@@ -50,8 +63,9 @@ def channel_sums_kernel(
 ):
     part = tl.program_id(0)
     parts = tl.num_programs(0)
-    begin, end, c, base, row_stride, c_offset = _tile(part, tl.program_id(1), C, HW, PIXELS, CHUNK,
-                                                      HW_PARTS, BLOCK_C, CHANNELS_LAST)
+    begin, end, c, base, row_stride, c_offset = _tile(
+        part, tl.program_id(1), C, HW, PIXELS, CHUNK, HW_PARTS, BLOCK_C, CHANNELS_LAST
+    )
     c_ok = c < C
     if BACKWARD:
         scale = tl.load(coef_ptr + c, mask=c_ok, other=0.0)
@@ -68,7 +82,7 @@ def channel_sums_kernel(
         y = tl.load(y_ptr + offset, mask=ok, other=0.0).to(tl.float32)
         if BACKWARD:
             dy = tl.load(dy_ptr + offset, mask=ok, other=0.0).to(tl.float32)
-            a = tl.where(ok & (y * scale[None, :] + shift[None, :] > 0), dy, 0.0)
+            a = tl.where(ok & ~(y * scale[None, :] + shift[None, :] <= 0), dy, 0.0)  # F.relu's mask
             acc_a += a
             acc_b += a * (y - center[None, :])
         else:
@@ -85,15 +99,19 @@ def channel_map_kernel(
     y_ptr,  # (N, C, H, W) activation, dense in its memory format
     dy_ptr,  # gradient, same layout (read only when BACKWARD)
     coef_ptr,  # float32 (5, C): scale, shift, then (backward) gain, slope, offset
-    C, HW, PIXELS, CHUNK, HW_PARTS,  # as channel_sums_kernel; CHUNK = BLOCK_P here
+    C,
+    HW,
+    PIXELS,
+    CHUNK,
+    HW_PARTS,  # as channel_sums_kernel; CHUNK = BLOCK_P here
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BACKWARD: tl.constexpr,  # forward: relu(y scale + shift); backward: m dy gain + slope y + offset
 ):
-    begin, end, c, base, row_stride, c_offset = _tile(tl.program_id(0), tl.program_id(1), C, HW,
-                                                      PIXELS, CHUNK, HW_PARTS, BLOCK_C,
-                                                      CHANNELS_LAST)
+    begin, end, c, base, row_stride, c_offset = _tile(
+        tl.program_id(0), tl.program_id(1), C, HW, PIXELS, CHUNK, HW_PARTS, BLOCK_C, CHANNELS_LAST
+    )
     c_ok = c < C
     rows = begin + tl.arange(0, BLOCK_P)
     ok = (rows < end)[:, None] & c_ok[None, :]
@@ -106,7 +124,7 @@ def channel_map_kernel(
         gain = tl.load(coef_ptr + 2 * C + c, mask=c_ok, other=0.0)[None, :]
         slope = tl.load(coef_ptr + 3 * C + c, mask=c_ok, other=0.0)[None, :]
         shift = tl.load(coef_ptr + 4 * C + c, mask=c_ok, other=0.0)[None, :]
-        result = tl.where(pre > 0, dy * gain, 0.0) + slope * y + shift
+        result = tl.where(pre <= 0, 0.0, dy * gain) + slope * y + shift  # NaN passes, as F.relu
     else:
         result = tl.where((pre > 0) | (pre != pre), pre, 0.0)  # ReLU that keeps NaN, as F.relu
     tl.store(out_ptr + offset, result.to(out_ptr.dtype.element_ty), mask=ok)
@@ -120,8 +138,9 @@ def check_dtype(x: Tensor) -> None:
 def dense(t: Tensor) -> Tuple[Tensor, bool]:
     """t dense in its memory format, and whether that is channels_last."""
     channels_last = torch._prims_common.suggest_memory_format(t) == torch.channels_last
-    return t.contiguous(memory_format=torch.channels_last if channels_last else
-                        torch.contiguous_format), channels_last
+    return t.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    ), channels_last
 
 
 def _tiling(y: Tensor, channels_last: bool, spread: Optional[int] = None):
@@ -146,8 +165,20 @@ def channel_sums(y, dy, coef, channels_last: bool, backward: bool):
     block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last, spread)
     partial = y.new_empty((2, c, grid[0]), dtype=torch.float32)
     wrap_triton(channel_sums_kernel)[grid](
-        y, dy, coef, partial, c, h * w, n * h * w, chunk, hw_parts, BLOCK_P=block_p,
-        BLOCK_C=block_c, CHANNELS_LAST=channels_last, BACKWARD=backward)
+        y,
+        dy,
+        coef,
+        partial,
+        c,
+        h * w,
+        n * h * w,
+        chunk,
+        hw_parts,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        CHANNELS_LAST=channels_last,
+        BACKWARD=backward,
+    )
     return partial.double().sum(-1)  # float64 across programs
 
 
@@ -155,6 +186,18 @@ def channel_map(out, y, dy, coef, channels_last: bool, backward: bool):
     n, c, h, w = y.shape
     block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last)
     wrap_triton(channel_map_kernel)[grid](
-        out, y, dy, coef, c, h * w, n * h * w, chunk, hw_parts, BLOCK_P=block_p, BLOCK_C=block_c,
-        CHANNELS_LAST=channels_last, BACKWARD=backward)
+        out,
+        y,
+        dy,
+        coef,
+        c,
+        h * w,
+        n * h * w,
+        chunk,
+        hw_parts,
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        CHANNELS_LAST=channels_last,
+        BACKWARD=backward,
+    )
     return out

@@ -1,5 +1,6 @@
 """Triton eval convolution: relu(conv3x3(x) + bias) in one implicit-GEMM kernel, BatchNorm already
 folded into weight and bias. Its autograd is registered in unet_fast/ops/conv_bias_relu.py."""
+
 from typing import Optional
 
 import torch

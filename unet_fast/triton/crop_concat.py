@@ -1,5 +1,6 @@
 """Triton crop_concat and its backward as triton_ops; their autograd is registered in
 unet_fast/ops/crop_concat.py."""
+
 from typing import List, Tuple
 
 import torch
@@ -25,10 +26,28 @@ def _shifted(src_ptr, n, c, h, w, top, left, height, width, s_n, s_c, s_h, s_w, 
 @triton.jit
 def shifted_concat_kernel(
     out_ptr,  # (N, C, H, W) output, dense in its memory format
-    first_ptr, second_ptr,  # sources; `second` holds channels [C_first, C)
-    C, H, W, C_first,
-    H1, W1, top1, left1, s1_n, s1_c, s1_h, s1_w,  # first source: size, offset in out, strides
-    H2, W2, top2, left2, s2_n, s2_c, s2_h, s2_w,  # second source
+    first_ptr,
+    second_ptr,  # sources; `second` holds channels [C_first, C)
+    C,
+    H,
+    W,
+    C_first,
+    H1,
+    W1,
+    top1,
+    left1,
+    s1_n,
+    s1_c,
+    s1_h,
+    s1_w,  # first source: size, offset in out, strides
+    H2,
+    W2,
+    top2,
+    left2,
+    s2_n,
+    s2_c,
+    s2_h,
+    s2_w,  # second source
     BLOCK_R: tl.constexpr,  # NHWC: pixels of one output row; NCHW: rows of one plane
     BLOCK_C: tl.constexpr,  # NHWC: channels per step; NCHW: columns per step
     CHANNELS_LAST: tl.constexpr,
@@ -43,12 +62,41 @@ def shifted_concat_kernel(
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)[None, :]
             ok = (w < W) & (c < C)
-            v1 = _shifted(first_ptr, n, c, h, w, top1, left1, H1, W1, s1_n, s1_c, s1_h, s1_w,
-                          ok & (c < C_first))
-            v2 = _shifted(second_ptr, n, c - C_first, h, w, top2, left2, H2, W2, s2_n, s2_c, s2_h,
-                          s2_w, ok & (c >= C_first))
-            tl.store(out_ptr + (tl.program_id(0) * W + w) * C + c, tl.where(c < C_first, v1, v2),
-                     mask=ok)
+            v1 = _shifted(
+                first_ptr,
+                n,
+                c,
+                h,
+                w,
+                top1,
+                left1,
+                H1,
+                W1,
+                s1_n,
+                s1_c,
+                s1_h,
+                s1_w,
+                ok & (c < C_first),
+            )
+            v2 = _shifted(
+                second_ptr,
+                n,
+                c - C_first,
+                h,
+                w,
+                top2,
+                left2,
+                H2,
+                W2,
+                s2_n,
+                s2_c,
+                s2_h,
+                s2_w,
+                ok & (c >= C_first),
+            )
+            tl.store(
+                out_ptr + (tl.program_id(0) * W + w) * C + c, tl.where(c < C_first, v1, v2), mask=ok
+            )
     else:
         n = tl.program_id(0) // C
         c = tl.program_id(0) % C
@@ -59,8 +107,22 @@ def shifted_concat_kernel(
             if c < C_first:
                 v = _shifted(first_ptr, n, c, h, w, top1, left1, H1, W1, s1_n, s1_c, s1_h, s1_w, ok)
             else:
-                v = _shifted(second_ptr, n, c - C_first, h, w, top2, left2, H2, W2, s2_n, s2_c,
-                             s2_h, s2_w, ok)
+                v = _shifted(
+                    second_ptr,
+                    n,
+                    c - C_first,
+                    h,
+                    w,
+                    top2,
+                    left2,
+                    H2,
+                    W2,
+                    s2_n,
+                    s2_c,
+                    s2_h,
+                    s2_w,
+                    ok,
+                )
             tl.store(out_ptr + (tl.program_id(0) * H + h) * W + w, v, mask=ok)
 
 
@@ -81,10 +143,25 @@ def _shifted_concat(out: Tensor, first: Tensor, first_offset, second: Tensor, se
         block_r = max(1, min(TILE // block_c, triton.next_power_of_2(h)))
         grid = (n * c, triton.cdiv(h, block_r))
     wrap_triton(shifted_concat_kernel)[grid](
-        out, first, second, c, h, w, first.shape[1],
-        first.shape[2], first.shape[3], *first_offset, *first.stride(),
-        second.shape[2], second.shape[3], *second_offset, *second.stride(),
-        BLOCK_R=block_r, BLOCK_C=block_c, CHANNELS_LAST=channels_last)
+        out,
+        first,
+        second,
+        c,
+        h,
+        w,
+        first.shape[1],
+        first.shape[2],
+        first.shape[3],
+        *first_offset,
+        *first.stride(),
+        second.shape[2],
+        second.shape[3],
+        *second_offset,
+        *second.stride(),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        CHANNELS_LAST=channels_last,
+    )
     return out
 
 
@@ -94,14 +171,16 @@ def crop_concat(skip: Tensor, up: Tensor, size: List[int]) -> Tensor:
     out = empty_like_layout(skip, (skip.shape[0], skip.shape[1] + up.shape[1], *size))
     if out.numel() == 0:
         return out
-    offsets = [(_leading_pad(size[0], t.shape[2]), _leading_pad(size[1], t.shape[3]))
-               for t in (skip, up)]
+    offsets = [
+        (_leading_pad(size[0], t.shape[2]), _leading_pad(size[1], t.shape[3])) for t in (skip, up)
+    ]
     return _shifted_concat(out, skip, offsets[0], up, offsets[1])
 
 
 @triton_op("unet_fast::crop_concat_backward_triton", mutates_args=())
-def crop_concat_backward(grad: Tensor, skip_channels: int, skip_size: List[int],
-                         up_size: List[int]) -> Tuple[Tensor, Tensor]:
+def crop_concat_backward(
+    grad: Tensor, skip_channels: int, skip_size: List[int], up_size: List[int]
+) -> Tuple[Tensor, Tensor]:
     n, c = grad.shape[:2]
     grads = []
     for begin, end, size in ((0, skip_channels, skip_size), (skip_channels, c, up_size)):

@@ -1,4 +1,5 @@
 """The reference UNet against the tutorial's code, and the reference ops against torch.nn."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,13 @@ def test_state_dict_keys_are_the_tutorials_both_ways():
     tutorial = small(tutorial_unet.UNet, bilinear=False)
     ours = small(reference.UNet, bilinear=False)
     assert list(ours.state_dict()) == list(tutorial.state_dict())
-    for key in ["inc.double_conv.0.weight", "down1.maxpool_conv.1.double_conv.4.running_var",
-                "up1.up.weight", "up1.conv.double_conv.3.weight", "outc.weight"]:
+    for key in [
+        "inc.double_conv.0.weight",
+        "down1.maxpool_conv.1.double_conv.4.running_var",
+        "up1.up.weight",
+        "up1.conv.double_conv.3.weight",
+        "outc.weight",
+    ]:
         assert key in ours.state_dict()
     tutorial.load_state_dict(ours.state_dict(), strict=True)
 
@@ -69,12 +75,15 @@ def test_valid_padding_has_the_papers_geometry():
         model(torch.randn(1, 1, 570, 572))
 
 
-@pytest.mark.parametrize("shape, error, message", [
-    ((1, 3, 15, 64), ValueError, "too small for 4 poolings: the minimum is 16"),
-    ((1, 3, 64, 8), ValueError, "minimum is 16"),
-    ((3, 64, 64), ValueError, r"4-D input \(N, 3, H, W\)"),
-    ((1, 4, 64, 64), ValueError, r"expects 3 input channels \(N, 3, H, W\)"),
-])
+@pytest.mark.parametrize(
+    "shape, error, message",
+    [
+        ((1, 3, 15, 64), ValueError, "too small for 4 poolings: the minimum is 16"),
+        ((1, 3, 64, 8), ValueError, "minimum is 16"),
+        ((3, 64, 64), ValueError, r"4-D input \(N, 3, H, W\)"),
+        ((1, 4, 64, 64), ValueError, r"expects 3 input channels \(N, 3, H, W\)"),
+    ],
+)
 def test_bad_input_raises_a_clear_error(shape, error, message):
     with pytest.raises(error, match=message):
         small(reference.UNet)(torch.randn(shape))
@@ -90,8 +99,9 @@ def test_minimum_size_works():
 
 
 def sequential(cin, cout, padding):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=padding), nn.BatchNorm2d(cout, momentum=0.3),
-                         nn.ReLU()).double()
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=padding), nn.BatchNorm2d(cout, momentum=0.3), nn.ReLU()
+    ).double()
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -104,8 +114,9 @@ def test_conv_bn_relu_is_the_module_composition(training):
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
     x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     expected = block.train(training)(x)
-    got = reference.conv_bn_relu(x, conv.weight, conv.bias, bn.weight, bn.bias, mean, var,
-                                 training, 0.3, bn.eps, 1)
+    got = reference.conv_bn_relu(
+        x, conv.weight, conv.bias, bn.weight, bn.bias, mean, var, training, 0.3, bn.eps, 1
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close((mean, var), (bn.running_mean, bn.running_var), rtol=0, atol=0)
     assert (got >= 0).all() and (got == 0).any() and (got > 0).any()
@@ -117,8 +128,16 @@ def test_double_conv_is_two_module_compositions():
     params = []
     for block in (a, b):
         conv, bn = block[0], block[1]
-        params.append((conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean.clone(),
-                       bn.running_var.clone()))
+        params.append(
+            (
+                conv.weight,
+                conv.bias,
+                bn.weight,
+                bn.bias,
+                bn.running_mean.clone(),
+                bn.running_var.clone(),
+            )
+        )
     got = reference.double_conv(x, *params[0], *params[1], True, 0.3, 0.3, 1e-5, 1e-5, 0)
     torch.testing.assert_close(got, b(a(x)), rtol=0, atol=0)
     assert got.shape == (3, 3, 8, 6)

@@ -1,4 +1,5 @@
 """unet_fast.UNet with the rest of PyTorch: compile, export, inference mode, autocast, pickling."""
+
 import copy
 import io
 import pickle
@@ -98,8 +99,18 @@ def test_onnx_export_is_a_standard_graph_that_onnxruntime_runs(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     program = torch.onnx.export(ours, (x,), dynamo=True)
     ops = {node.op_type for node in program.model_proto.graph.node}
-    assert ops <= {"Conv", "ConvTranspose", "Relu", "MaxPool", "Concat", "Pad",
-                   "BatchNormalization", "Slice", "Add", "Mul"}, ops
+    assert ops <= {
+        "Conv",
+        "ConvTranspose",
+        "Relu",
+        "MaxPool",
+        "Concat",
+        "Pad",
+        "BatchNormalization",
+        "Slice",
+        "Add",
+        "Mul",
+    }, ops
     program.save(str(tmp_path / "unet.onnx"))
     session = onnxruntime.InferenceSession(str(tmp_path / "unet.onnx"))
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -118,18 +129,22 @@ def test_distributed_data_parallel_wraps_it():
         x = torch.randn(2, 3, 32, 32)
         model(x).square().mean().backward()
         ref(x).square().mean().backward()
-        assert_close([p.grad for p in ours.parameters()], [p.grad for p in ref.parameters()],
-                     torch.float32)
+        assert_close(
+            [p.grad for p in ours.parameters()], [p.grad for p in ref.parameters()], torch.float32
+        )
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("shape, dtype, error, message", [
-    ((3, 32, 32), torch.float32, ValueError, r"4-D input \(N, 3, H, W\)"),
-    ((1, 1, 32, 32), torch.float32, ValueError, "expects 3 input channels"),
-    ((1, 3, 32, 32), torch.int64, TypeError, "floating-point"),
-    ((1, 3, 12, 32), torch.float32, ValueError, "minimum is 16"),
-])
+@pytest.mark.parametrize(
+    "shape, dtype, error, message",
+    [
+        ((3, 32, 32), torch.float32, ValueError, r"4-D input \(N, 3, H, W\)"),
+        ((1, 1, 32, 32), torch.float32, ValueError, "expects 3 input channels"),
+        ((1, 3, 32, 32), torch.int64, TypeError, "floating-point"),
+        ((1, 3, 12, 32), torch.float32, ValueError, "minimum is 16"),
+    ],
+)
 def test_bad_input_raises_a_clear_error(shape, dtype, error, message):
     ours, _ = twins()
     with pytest.raises(error, match=message):

@@ -1,10 +1,11 @@
 """crop_concat kernels against the reference: values, gradients, layouts, opcheck, compile, errors."""
+
 import pytest
 import torch
 
 import unet_fast
-from tests.helpers import DEVICES, layout
-from unet_fast import reference
+from tests.helpers import DEVICES, TRITON_DEVICE, layout, needs_cuda
+from unet_fast import ops, reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (skip H, W), (up H, W), target size: pad even/odd, crop even/odd, mixed, 1x1, degenerate
@@ -29,10 +30,15 @@ def inputs(geometry, dtype=torch.float32, device="cpu", n=2, channels=(3, 5)):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("skip_layout, up_layout", [("contiguous", "contiguous"),
-                                                    ("channels_last", "channels_last"),
-                                                    ("channels_last", "strided"),
-                                                    ("strided", "channels_last")])
+@pytest.mark.parametrize(
+    "skip_layout, up_layout",
+    [
+        ("contiguous", "contiguous"),
+        ("channels_last", "channels_last"),
+        ("channels_last", "strided"),
+        ("strided", "channels_last"),
+    ],
+)
 def test_matches_reference_exactly(device, dtype, geometry, skip_layout, up_layout):
     skip, up, size = inputs(geometry, dtype, device)
     skip, up = layout(skip, skip_layout), layout(up, up_layout)
@@ -42,7 +48,9 @@ def test_matches_reference_exactly(device, dtype, geometry, skip_layout, up_layo
     assert out.grad_fn.name() != expected.grad_fn.name()  # the kernel ran, not the reference
     torch.testing.assert_close(out, expected, rtol=0, atol=0)  # a copy: bit-exact
     channels_last = torch._prims_common.suggest_memory_format(skip) == torch.channels_last
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert out.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     grad = layout(torch.randn_like(expected), up_layout)
     got = torch.autograd.grad(out, (skip, up), grad)
     want = torch.autograd.grad(expected, (skip, up), grad)
@@ -51,8 +59,9 @@ def test_matches_reference_exactly(device, dtype, geometry, skip_layout, up_layo
 
 def test_default_size_is_the_skips_and_batch_one_works():
     skip, up, _ = inputs(GEOMETRIES[1], n=1)
-    torch.testing.assert_close(unet_fast.crop_concat(skip, up),
-                               reference.crop_concat(skip, up, (97, 131)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        unet_fast.crop_concat(skip, up), reference.crop_concat(skip, up, (97, 131)), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("geometry", [GEOMETRIES[3], GEOMETRIES[4]])
@@ -61,8 +70,9 @@ def test_opcheck(geometry):
     skip.requires_grad_(), up.requires_grad_()
     torch.library.opcheck(torch.ops.unet_fast.crop_concat.default, (skip, up, size))
     grad = torch.randn(2, 8, *size, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.unet_fast.crop_concat_backward.default,
-                          (grad, 3, skip.shape[-2:], up.shape[-2:]))
+    torch.library.opcheck(
+        torch.ops.unet_fast.crop_concat_backward.default, (grad, 3, skip.shape[-2:], up.shape[-2:])
+    )
 
 
 def test_gradcheck_and_gradgradcheck():
@@ -91,23 +101,39 @@ def test_empty_batch_and_nan_propagation():
 
 def test_backend_choice():
     skip, up, size = inputs(GEOMETRIES[3])
-    assert unet_fast.crop_concat(skip.requires_grad_(), up, size, backend="reference").grad_fn.name() == "CatBackward0"
-    assert "crop_concat" in unet_fast.crop_concat(skip, up, size, backend="cpu").grad_fn.name().lower()
+    assert (
+        unet_fast.crop_concat(skip.requires_grad_(), up, size, backend="reference").grad_fn.name()
+        == "CatBackward0"
+    )
+    assert (
+        "crop_concat" in unet_fast.crop_concat(skip, up, size, backend="cpu").grad_fn.name().lower()
+    )
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         unet_fast.crop_concat(skip, up, size, backend="fast")
     with pytest.raises(ValueError, match="cannot run tensors on device cpu"):
         unet_fast.crop_concat(skip, up, size, backend="cuda")
 
 
-@pytest.mark.parametrize("make, error, message", [
-    (lambda s, u: (s[0], u, None), ValueError, r"skip must be 4-D \(N, C, H, W\), got shape \(3, 17, 20\)"),
-    (lambda s, u: (s, u.double(), None), TypeError, "up is torch.float64 but skip is torch.float32"),
-    (lambda s, u: (s, u[:1], None), ValueError, "up has batch size 1 but skip has 2"),
-    (lambda s, u: (s, u, (-1, 4)), ValueError, r"size must be two non-negative integers"),
-    (lambda s, u: (s, u, (4,)), ValueError, r"size must be two non-negative integers"),
-    (lambda s, u: (s.long(), u.long(), None), TypeError, "skip must be float32"),
-    (lambda s, u: (s, u.to("meta"), None), ValueError, "up is on meta but skip is on cpu"),
-])
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (
+            lambda s, u: (s[0], u, None),
+            ValueError,
+            r"skip must be 4-D \(N, C, H, W\), got shape \(3, 17, 20\)",
+        ),
+        (
+            lambda s, u: (s, u.double(), None),
+            TypeError,
+            "up is torch.float64 but skip is torch.float32",
+        ),
+        (lambda s, u: (s, u[:1], None), ValueError, "up has batch size 1 but skip has 2"),
+        (lambda s, u: (s, u, (-1, 4)), ValueError, r"size must be two non-negative integers"),
+        (lambda s, u: (s, u, (4,)), ValueError, r"size must be two non-negative integers"),
+        (lambda s, u: (s.long(), u.long(), None), TypeError, "skip must be float32"),
+        (lambda s, u: (s, u.to("meta"), None), ValueError, "up is on meta but skip is on cpu"),
+    ],
+)
 def test_bad_input_raises_a_clear_error(make, error, message):
     skip, up, _ = inputs(GEOMETRIES[3])
     with pytest.raises(error, match=message):
@@ -135,3 +161,82 @@ def test_direct_op_call_checks_inputs_in_cpp():
         torch.ops.unet_fast.crop_concat(skip, up[:1], size)
     with pytest.raises(RuntimeError, match="dtypes differ"):
         torch.ops.unet_fast.crop_concat(skip, up.double(), size)
+
+
+@pytest.mark.parametrize(
+    "skip_layout, up_layout", [("contiguous", "contiguous"), ("channels_last", "strided")]
+)
+@pytest.mark.parametrize("size", [(9, 8), (7, 10), (5, 5), (1, 1)])
+def test_crop_concat(size, skip_layout, up_layout):
+    skip = layout(torch.randn(2, 3, 9, 8, device=TRITON_DEVICE), skip_layout).requires_grad_()
+    up = layout(torch.randn(2, 4, 6, 11, device=TRITON_DEVICE), up_layout).requires_grad_()
+    out = ops.crop_concat(skip, up, size, backend="triton")
+    want = reference.crop_concat(skip, up, size)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (skip, up), grad),
+        torch.autograd.grad(want, (skip, up), grad),
+        rtol=0,
+        atol=0,
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize("size", [(9, 8), (7, 10), (5, 5)])
+def test_crop_concat_on_cuda(size):
+    skip = torch.randn(2, 3, 9, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    up = torch.randn(2, 4, 6, 11, device="cuda").requires_grad_()
+    skip.requires_grad_()
+    out = ops.crop_concat(skip, up, size, backend="cuda")
+    want = reference.crop_concat(skip, up, size)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, (skip, up), grad),
+        torch.autograd.grad(want, (skip, up), grad),
+        rtol=0,
+        atol=0,
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize("channels", [(64, 32), (3, 5)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_crop_concat_vector_and_scalar_paths(dtype, channels):
+    skip = torch.randn(2, channels[0], 20, 22, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    up = torch.randn(2, channels[1], 16, 16, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    for size in ((16, 16), (18, 20), (20, 22)):
+        for backend in ("cuda", "triton"):
+            out = ops.crop_concat(skip, up, size, backend=backend)
+            torch.testing.assert_close(out, reference.crop_concat(skip, up, size), rtol=0, atol=0)
+
+
+def test_opcheck_triton_op():
+    ops.load_triton()
+    checks = None if torch.cuda.is_available() else ("test_schema", "test_autograd_registration")
+    skip = torch.randn(2, 3, 9, 8, device=TRITON_DEVICE, requires_grad=True)
+    up = torch.randn(2, 4, 6, 11, device=TRITON_DEVICE, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.unet_fast.crop_concat_triton.default,
+        (skip, up, [7, 10]),
+        **({"test_utils": checks} if checks else {}),
+    )
+
+
+def test_nan_and_inf_are_copied_as_they_are(backend, device):
+    skip, up = torch.randn(2, 3, 9, 8, device=device), torch.randn(2, 4, 6, 11, device=device)
+    skip[0, 1, 4, 4], skip[1, 2, 5, 3], up[1, 0, 3, 5], up[0, 3, 2, 6] = (
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        float("nan"),
+    )
+    got = ops.crop_concat(skip, up, (7, 10), backend=backend)
+    want = reference.crop_concat(skip, up, (7, 10))
+    assert want.isnan().any() and want.isinf().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -1,5 +1,6 @@
 """Data sets and augmentation: pairing, class mapping and every bad-input message; geometric
 augmentation moves image and mask together; ISBI 2012 when it is there."""
+
 import numpy as np
 import pytest
 import tifffile
@@ -7,10 +8,23 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from unet_fast.train.augment import GREY_MEAN, GREY_STD, IMAGENET_MEAN, normalize, train_transforms, \
-    val_transforms
-from unet_fast.train.data import SegmentationFolder, SyntheticCells, default_isbi_root, \
-    find_image_mask_folders, isbi2012, read_image, seed_transform
+from unet_fast.train.augment import (
+    GREY_MEAN,
+    GREY_STD,
+    IMAGENET_MEAN,
+    normalize,
+    train_transforms,
+    val_transforms,
+)
+from unet_fast.train.data import (
+    SegmentationFolder,
+    SyntheticCells,
+    default_isbi_root,
+    find_image_mask_folders,
+    isbi2012,
+    seed_transform,
+)
+from unet_fast.train.images import read_image
 
 
 def save(path, array, mode=None):
@@ -57,11 +71,11 @@ def test_cache_keeps_decoded_samples_and_hands_out_copies(tmp_path):
     expected = plain[1]
     for path in [*images.iterdir(), *masks.iterdir()]:
         path.write_bytes(b"")  # the cache, not the files, is read from now on
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whichever decoder reads the file says so)
         plain.load(0)
     first = cached.load(1)
     first[0][:] = 7  # a transform writing in place changes nothing cached
-    for got, want in zip(cached[1], expected):
+    for got, want in zip(cached[1], expected, strict=True):
         assert torch.equal(got, want)
 
 
@@ -70,8 +84,11 @@ def test_augmentation_draws_only_the_symmetry_views(symmetry, count):
     mask = np.arange(25, dtype=np.int32).reshape(5, 5)  # every pixel tells where it went
     transform = train_transforms(5, 1, scale=None, elastic_p=0, intensity_p=0, symmetry=symmetry)
     seed_transform(transform, 0)
-    allowed = {"dihedral": [np.rot90(m, k) for m in (mask, mask[:, ::-1]) for k in range(4)],
-               "hflip": [mask, mask[:, ::-1]], "none": [mask]}[symmetry]
+    allowed = {
+        "dihedral": [np.rot90(m, k) for m in (mask, mask[:, ::-1]) for k in range(4)],
+        "hflip": [mask, mask[:, ::-1]],
+        "none": [mask],
+    }[symmetry]
     seen = set()
     for _ in range(80):
         got = transform(image=np.zeros((5, 5, 1), np.float32), mask=mask)["mask"].numpy()
@@ -85,21 +102,26 @@ def test_augmentation_draws_only_the_symmetry_views(symmetry, count):
 
 def test_seeded_transforms_draw_independently_and_repeatably():
     import albumentations as A
+
     pipeline = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
     mask = np.arange(9, dtype=np.int32).reshape(3, 3)
 
     def draws(seed):
         seed_transform(pipeline, seed)
-        return [pipeline(image=np.zeros((3, 3, 1), np.float32), mask=mask)["mask"].tobytes()
-                for _ in range(40)]
+        return [
+            pipeline(image=np.zeros((3, 3, 1), np.float32), mask=mask)["mask"].tobytes()
+            for _ in range(40)
+        ]
+
     assert len(set(draws(0))) == 4  # none, either flip alone, both: the flips do not agree
     assert draws(5) == draws(5) and draws(5) != draws(6)
 
 
 def test_multiclass_mapping_ignore_index_and_subset(tmp_path):
     images, masks, arrays = folder(tmp_path, mask_values=(10, 20, 30, 99))
-    data = SegmentationFolder(images, masks, classes={10: 0, 20: 1, 30: 2}, ignore_index=99,
-                              indices=[2, 0])
+    data = SegmentationFolder(
+        images, masks, classes={10: 0, 20: 1, 30: 2}, ignore_index=99, indices=[2, 0]
+    )
     assert [s.name for s in data.samples] == ["c", "a"]
     assert not data.binary and data.num_classes == 3 and data.out_channels == 3
     _, mask = data[0]
@@ -151,8 +173,10 @@ def test_unmatched_files_are_listed(tmp_path):
     images, masks, _ = folder(tmp_path)
     save(images / "only_image.png", np.zeros((6, 8), np.uint8))
     save(masks / "only_mask.tif", np.zeros((6, 8), np.uint8))
-    with pytest.raises(ValueError, match="images without a mask.*only_image.png;"
-                                         " masks without an image.*only_mask.tif"):
+    with pytest.raises(
+        ValueError,
+        match="images without a mask.*only_image.png; masks without an image.*only_mask.tif",
+    ):
         SegmentationFolder(images, masks)
 
 
@@ -185,10 +209,11 @@ def test_unexpected_mask_values_name_file_and_values(tmp_path):
 def test_find_image_mask_folders(tmp_path):
     for sub in ("train/image", "train/label", "other/images", "other/masks"):
         (tmp_path / sub).mkdir(parents=True)
-    assert find_image_mask_folders(tmp_path) == (tmp_path / "train/image",
-                                                 tmp_path / "train/label")
-    assert find_image_mask_folders(tmp_path / "other") == (tmp_path / "other/images",
-                                                           tmp_path / "other/masks")
+    assert find_image_mask_folders(tmp_path) == (tmp_path / "train/image", tmp_path / "train/label")
+    assert find_image_mask_folders(tmp_path / "other") == (
+        tmp_path / "other/images",
+        tmp_path / "other/masks",
+    )
     with pytest.raises(FileNotFoundError, match="no image/mask folders in"):
         find_image_mask_folders(tmp_path / "train" / "image")
 
@@ -196,8 +221,9 @@ def test_find_image_mask_folders(tmp_path):
 ISBI = default_isbi_root()
 
 
-@pytest.mark.skipif(ISBI is None, reason="ISBI 2012 data not found (../shared/data/isbi2012 "
-                                         "or $UNET_FAST_ISBI)")
+@pytest.mark.skipif(
+    ISBI is None, reason="ISBI 2012 data not found (../shared/data/isbi2012 or $UNET_FAST_ISBI)"
+)
 def test_isbi2012_split_and_membrane_foreground():
     train, val = isbi2012(ISBI, "train"), isbi2012(ISBI, "val")
     assert [s.name for s in train.samples] == [f"{i:02d}" for i in range(20)]
@@ -234,8 +260,9 @@ def test_synthetic_cells_are_deterministic_and_labelled():
 def blocks(seed, size=(48, 40), side=8, levels=3):
     """A mask of random side×side blocks and the image 0 / 0.5 / 1 it determines."""
     rng = np.random.default_rng(seed)
-    mask = np.kron(rng.integers(0, levels, (size[0] // side, size[1] // side)),
-                   np.ones((side, side), np.int64)).astype(np.int32)
+    mask = np.kron(
+        rng.integers(0, levels, (size[0] // side, size[1] // side)), np.ones((side, side), np.int64)
+    ).astype(np.int32)
     return (mask / (levels - 1)).astype(np.float32)[..., None], mask
 
 
@@ -307,9 +334,10 @@ def test_val_transforms_normalise_only():
     out = val_transforms(3)(image=image, mask=mask)
     assert out["image"].shape == (3, 5, 6) and out["mask"].shape == (5, 6)
     assert out["image"][:, 1:].abs().max() < 1e-6
-    torch.testing.assert_close(out["image"][:, 0, 0],
-                               (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
-                                   [0.229, 0.224, 0.225]))
+    torch.testing.assert_close(
+        out["image"][:, 0, 0],
+        (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor([0.229, 0.224, 0.225]),
+    )
     grey = val_transforms(1)(image=np.full((4, 4, 1), GREY_MEAN[0], np.float32), mask=mask[:4, :4])
     assert grey["image"].abs().max() < 1e-6
     with pytest.raises(ValueError, match="no default statistics for 2 channels"):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests import tutorial_unet
 import unet_fast
+from tests import tutorial_unet
 from tests.helpers import assert_close, assert_histories_close, training_history
 from unet_fast import reference
 from unet_fast.nn import FusedDoubleConv
@@ -41,14 +41,17 @@ def test_loads_the_tutorials_checkpoint_and_gives_its_outputs():
     ours.load_state_dict(tutorial.state_dict(), strict=True)
     tutorial.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 3, 40, 33, dtype=torch.float64)
-    for got, want in zip(run(ours, x, steps=2), run(tutorial, x, steps=2)):
+    for got, want in zip(run(ours, x, steps=2), run(tutorial, x, steps=2), strict=True):
         assert_close(got, want, torch.float64)
 
 
 def test_uses_the_fused_ops_and_keeps_the_callers_layout():
     ours, _ = twins(torch.float32)
-    assert all(type(m.double_conv) is FusedDoubleConv
-               for m in ours.modules() if type(m).__name__ == "DoubleConv")
+    assert all(
+        type(m.double_conv) is FusedDoubleConv
+        for m in ours.modules()
+        if type(m).__name__ == "DoubleConv"
+    )
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     out = ours(x)
     assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
@@ -92,8 +95,11 @@ def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
 
     class Conv2dReLU(nn.Sequential):  # as segmentation_models_pytorch's decoder blocks
         def __init__(self, c_in, c_out):
-            super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                             nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+            super().__init__(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            )
 
     class Custom(nn.Sequential):  # its own forward: not fused
         def forward(self, x):
@@ -101,8 +107,9 @@ def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
 
     wrapper = nn.Module()
     wrapper.smp = Conv2dReLU(4, 4)
-    wrapper.head = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                 nn.MaxPool2d(2))
+    wrapper.head = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)
+    )
     wrapper.strided = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU())
     wrapper.custom = Custom(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     keys = list(wrapper.state_dict())
@@ -110,7 +117,7 @@ def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
     assert replaced == ["smp", "head"] and list(wrapper.state_dict()) == keys
     assert type(wrapper.head).__name__ == "FusedSequential" and unet_fast.fuse(wrapper) is wrapper
     x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
-    for got, want in zip(run(model, x, steps=2), run(plain, x, steps=2)):
+    for got, want in zip(run(model, x, steps=2), run(plain, x, steps=2), strict=True):
         assert_close(got, want, torch.float64)
 
 
@@ -119,7 +126,9 @@ def test_checkpointing_keeps_results_and_running_statistics():
     lean = unet_fast.UNet(3, 2, base_features=4, bilinear=False, checkpointing=True).double()
     lean.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for got, want in zip(run(lean, x), run(ref, x)):  # includes every buffer at the end
+    for got, want in zip(
+        run(lean, x), run(ref, x), strict=True
+    ):  # includes every buffer at the end
         assert_close(got, want, torch.float64)
 
 
@@ -141,7 +150,7 @@ def test_pytorch_unet_checkpoints_with_and_without_conv_biases(bilinear, tmp_pat
     ours = unet_fast.from_pytorch_unet(str(tmp_path / "checkpoint.pth"))
     assert ours.bilinear is bilinear and ours.num_classes == 2 and ours.in_channels == 3
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for got, want in zip(run(ours, x, steps=2)[:-1], run(ref, x, steps=2)[:-1]):
+    for got, want in zip(run(ours, x, steps=2)[:-1], run(ref, x, steps=2)[:-1], strict=True):
         assert_close(got[:1], want[:1], torch.float64)  # outputs, train and eval
     with pytest.raises(ValueError, match="not a Pytorch-UNet"):
         unet_fast.from_pytorch_unet({"fc.weight": torch.zeros(2, 2)})
@@ -165,7 +174,10 @@ def test_one_channel_input_runs_channels_last_inside():
     model = unet_fast.UNet(1, 1, base_features=4).eval()
     formats = []
     model.inc.register_forward_hook(
-        lambda module, inputs, output: formats.append(torch._prims_common.suggest_memory_format(output)))
+        lambda module, inputs, output: formats.append(
+            torch._prims_common.suggest_memory_format(output)
+        )
+    )
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         out = model(x)

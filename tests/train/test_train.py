@@ -1,5 +1,6 @@
 """The training loop: resuming, atomic checkpoints, bad input, and distributed training with
 synchronised fused BatchNorm (two gloo processes on the CPU)."""
+
 import os
 import shutil
 import signal
@@ -17,15 +18,16 @@ from torch.utils.data import DataLoader
 
 import unet_fast
 from unet_fast import cli
-from unet_fast.train import checkpoint
+from unet_fast.train import checkpoint, losses, metrics
 from unet_fast.train import fit as fit_module
-from unet_fast.train import losses, metrics
 from unet_fast.train.augment import train_transforms, val_transforms
 from unet_fast.train.data import SyntheticCells
+from unet_fast.train.distributed import Distributed
 from unet_fast.train.fit import TrainConfig, WeightAverage, cosine_factor, fit
 from unet_fast.train.offset import LabelOffset, OffsetModel
+from unet_fast.train.validate import validate
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def tiny_run(out, epochs, resume=False, **options):
@@ -34,14 +36,16 @@ def tiny_run(out, epochs, resume=False, **options):
     views = "none" if options.get("learn_offset") else "dihedral"  # learn_offset draws them
     train = SyntheticCells(8, 48, seed=1, transform=train_transforms(32, 1, symmetry=views))
     val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
-    config = TrainConfig(out=str(out), epochs=epochs, batch_size=4, resume=resume, progress=False,
-                         **options)
+    config = TrainConfig(
+        out=str(out), epochs=epochs, batch_size=4, resume=resume, progress=False, **options
+    )
     history = fit(model, train, val, config, {"channels": 1})
     return model, history
 
 
-@pytest.mark.parametrize("options", [{}, {"schedule": "cosine", "ema": 0.9},
-                                     {"ema": 0.9, "learn_offset": True}])
+@pytest.mark.parametrize(
+    "options", [{}, {"schedule": "cosine", "ema": 0.9}, {"ema": 0.9, "learn_offset": True}]
+)
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch, options):
     straight, history = tiny_run(tmp_path / "straight", 3, **options)
     write_log = fit_module.write_log
@@ -49,6 +53,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch,
     def interrupt(*args):  # Ctrl-C right after the first epoch's checkpoint and log
         write_log(*args)
         raise KeyboardInterrupt
+
     monkeypatch.setattr(fit_module, "write_log", interrupt)
     with pytest.raises(KeyboardInterrupt):
         tiny_run(tmp_path / "resumed", 3, **options)
@@ -57,7 +62,10 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch,
     resumed, resumed_history = tiny_run(tmp_path / "resumed", 3, resume=True, **options)
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+
+    def drop(rows):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
     assert drop(resumed_history) == drop(history) and len(history) == 3
     log = (tmp_path / "resumed" / "log.csv").read_text().splitlines()
     assert log[0].startswith("epoch,train_loss") and len(log) == 4  # one row per epoch
@@ -67,8 +75,10 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch,
     for key, value in straight_saved["state_dict"].items():  # the weight average, if any
         torch.testing.assert_close(saved["state_dict"][key], value, rtol=0, atol=0, msg=key)
     if options.get("ema"):
-        assert not torch.equal(saved["state_dict"]["inc.double_conv.0.weight"],
-                               saved["train_state_dict"]["inc.double_conv.0.weight"])
+        assert not torch.equal(
+            saved["state_dict"]["inc.double_conv.0.weight"],
+            saved["train_state_dict"]["inc.double_conv.0.weight"],
+        )
     for key in ("offset", "train_offset"):
         assert (key in saved) == bool(options.get("learn_offset"))
         if key in saved:
@@ -96,8 +106,11 @@ KILLED_WHILE_SAVING = textwrap.dedent("""
 
 def test_readme_training_commands_parse():
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    commands = [line.split("#")[0].split()[1:] for line in text.splitlines()
-                if line.startswith("unet-fast train")]
+    commands = [
+        line.split("#")[0].split()[1:]
+        for line in text.splitlines()
+        if line.startswith("unet-fast train")
+    ]
     assert len(commands) >= 2
     for argv in commands:
         args = cli.parser().parse_args(argv)  # an unknown or renamed option exits here
@@ -129,15 +142,21 @@ def test_weight_average_follows_the_weights_and_batch_norm_statistics():
     assert not any(p.requires_grad for p in average.model.parameters())
     average.update(model, step=0)  # warm-up: decay 1/10, nearly the weights themselves
     key = "inc.double_conv.0.weight"
-    torch.testing.assert_close(average.model.state_dict()[key],
-                               0.1 * (0.75 * before[key] + 0.25 * now[key]) + 0.9 * now[key])
+    torch.testing.assert_close(
+        average.model.state_dict()[key],
+        0.1 * (0.75 * before[key] + 0.25 * now[key]) + 0.9 * now[key],
+    )
     with pytest.raises(ValueError, match="decay must be in"):
         WeightAverage(model, 1.0)
 
 
-@pytest.mark.parametrize("symmetry, views", [
-    ("dihedral", [(t, f) for t in range(4) for f in (False, True)]),
-    ("hflip", [(0, False), (0, True)])])
+@pytest.mark.parametrize(
+    "symmetry, views",
+    [
+        ("dihedral", [(t, f) for t in range(4) for f in (False, True)]),
+        ("hflip", [(0, False), (0, True)]),
+    ],
+)
 def test_validation_with_tta_scores_the_mean_of_the_symmetry_views(symmetry, views):
     torch.manual_seed(0)
     model = unet_fast.UNet(1, 1, base_features=4).eval()
@@ -145,7 +164,7 @@ def test_validation_with_tta_scores_the_mean_of_the_symmetry_views(symmetry, vie
     loader = DataLoader(val, batch_size=2)
     images, masks = next(iter(loader))
     loss_fn = losses.bce_loss
-    env = fit_module.Distributed("cpu")
+    env = Distributed("cpu")
     outputs = []
     with torch.no_grad():
         for turns, flip in views:
@@ -155,8 +174,18 @@ def test_validation_with_tta_scores_the_mean_of_the_symmetry_views(symmetry, vie
     mean = torch.stack(outputs).mean(0)
     assert not torch.allclose(mean, outputs[0], atol=1e-3)  # the views differ: averaging shows
     for tta, logits in ((False, model(images).detach()), (True, mean)):
-        loss, dice, _, error = fit_module.validate(OffsetModel(model), loader, loss_fn, 2, None, None, env,
-                                                   False, tta=tta, symmetry=symmetry)
+        loss, dice, _, error = validate(
+            OffsetModel(model),
+            loader,
+            loss_fn,
+            2,
+            None,
+            None,
+            env,
+            False,
+            tta=tta,
+            symmetry=symmetry,
+        )
         labels = metrics.labels_from_logits(logits)
         assert error.item() == pytest.approx((labels != masks).float().mean().item())
         assert loss == pytest.approx(loss_fn(logits, masks).item(), rel=1e-5)
@@ -180,7 +209,7 @@ def test_offset_model_scores_each_view_in_the_samples_own_orientation():
     views = [(1, True), (2, False), (3, True)]
     with torch.no_grad():
         got = OffsetModel(model, offset)(images, views)
-        for image, (turns, flip), out in zip(images, views, got):
+        for image, (turns, flip), out in zip(images, views, got, strict=True):
             view = torch.rot90(image[None], turns, (2, 3))
             logits = model(view.flip(3) if flip else view)
             back = torch.rot90(logits.flip(3) if flip else logits, -turns, (2, 3))
@@ -196,8 +225,9 @@ def test_learn_offset_finds_labels_one_row_below_the_membranes(tmp_path):
     model = unet_fast.UNet(1, 1, base_features=4)
     train = LowerLabels(16, 64, seed=1, transform=train_transforms(48, 1, symmetry="none"))
     val = LowerLabels(2, 64, seed=2, transform=val_transforms(1))
-    config = TrainConfig(out=str(tmp_path), epochs=6, batch_size=4, lr=1e-2, learn_offset=True,
-                         progress=False)
+    config = TrainConfig(
+        out=str(tmp_path), epochs=6, batch_size=4, lr=1e-2, learn_offset=True, progress=False
+    )
     fit(model, train, val, config, {"channels": 1})
     saved = checkpoint.load_checkpoint(tmp_path / "last.pt")
     offset = LabelOffset(1)
@@ -211,8 +241,12 @@ def test_learn_offset_refuses_a_transform_that_turns(tmp_path):
     train = SyntheticCells(8, 48, seed=1, transform=train_transforms(32, 1, symmetry="hflip"))
     val = SyntheticCells(2, 32, seed=2, transform=val_transforms(1))
     with pytest.raises(ValueError, match="must not \\(HorizontalFlip\\)"):
-        fit(model, train, val, TrainConfig(out=str(tmp_path / "run"), learn_offset=True,
-                                           progress=False))
+        fit(
+            model,
+            train,
+            val,
+            TrainConfig(out=str(tmp_path / "run"), learn_offset=True, progress=False),
+        )
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -224,8 +258,12 @@ def test_unknown_symmetry_is_refused_before_training(tmp_path):
 
 def test_a_run_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    child = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_SAVING, str(path)],
-                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_SAVING, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert child.stdout.readline().strip() == "writing"
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -245,8 +283,9 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 
 def train_cli(capsys, *args):
-    code = cli.main(["train", "--base-features", "4", "--crop", "32", "--epochs", "1",
-                     "--quiet", *args])
+    code = cli.main(
+        ["train", "--base-features", "4", "--crop", "32", "--epochs", "1", "--quiet", *args]
+    )
     return code, capsys.readouterr().err
 
 
@@ -275,8 +314,7 @@ def test_train_command_bad_input_is_one_line_and_keeps_what_was_saved(tmp_path, 
 def _one_step(rank, world, init_file, state, x, target, result):
     """One SGD step of DDP with synchronised BatchNorm on this rank's share of the batch."""
     torch.manual_seed(0)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = unet_fast.UNet(1, 1, base_features=4, bilinear=False)
         model.load_state_dict(state)
@@ -300,8 +338,9 @@ def test_two_processes_with_sync_bn_match_one_process_on_the_whole_batch(tmp_pat
     reference = unet_fast.reference.UNet(1, 1, base_features=4, bilinear=False)
     x, target = torch.randn(4, 1, 32, 32), (torch.rand(4, 1, 32, 32) > 0.5).float()
     state = {k: v.clone() for k, v in reference.state_dict().items()}
-    mp.spawn(_one_step, args=(2, tmp_path / "init", state, x, target, tmp_path / "result.pt"),
-             nprocs=2)
+    mp.spawn(
+        _one_step, args=(2, tmp_path / "init", state, x, target, tmp_path / "result.pt"), nprocs=2
+    )
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     torch.nn.functional.binary_cross_entropy_with_logits(reference(x), target).backward()
     optimizer.step()
@@ -312,16 +351,45 @@ def test_two_processes_with_sync_bn_match_one_process_on_the_whole_batch(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun not installed",
+)
 def test_torchrun_trains_with_sync_bn(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     result = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "unet_fast.train",
-         "--sync-bn", "--schedule", "cosine", "--time-limit", "5", "--base-features", "4",
-         "--crop", "32", "--epochs", "1", "--epoch-samples", "8", "--out", str(tmp_path / "run"), "--quiet"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "unet_fast.train",
+            "--sync-bn",
+            "--schedule",
+            "cosine",
+            "--time-limit",
+            "5",
+            "--base-features",
+            "4",
+            "--crop",
+            "32",
+            "--epochs",
+            "1",
+            "--epoch-samples",
+            "8",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 1:" in result.stdout
     assert checkpoint.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1

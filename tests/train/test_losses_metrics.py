@@ -1,5 +1,6 @@
 """Losses and metrics against hand-computed values, torch's own losses, and the edge cases:
 empty masks on both sides, every pixel ignored."""
+
 import math
 
 import pytest
@@ -20,14 +21,18 @@ def test_bce_hand_computed_pos_weight_and_ignore():
     logits, target = binary([0.0, LN3]), binary([1.0, 0.0])  # p = 0.5, 0.75
     # -ln 0.5 = ln 2 and -ln(1 - 0.75) = ln 4, mean 1.5 ln 2
     torch.testing.assert_close(losses.bce_loss(logits, target), torch.tensor(1.5 * LN2))
-    torch.testing.assert_close(losses.bce_loss(logits, target, pos_weight=2.0),
-                               torch.tensor((2 * LN2 + 2 * LN2) / 2))
-    with_ignored = losses.bce_loss(binary([0.0, LN3, 7.0]), binary([1.0, 0.0, 255.0]),
-                                   ignore_index=255)
+    torch.testing.assert_close(
+        losses.bce_loss(logits, target, pos_weight=2.0), torch.tensor((2 * LN2 + 2 * LN2) / 2)
+    )
+    with_ignored = losses.bce_loss(
+        binary([0.0, LN3, 7.0]), binary([1.0, 0.0, 255.0]), ignore_index=255
+    )
     torch.testing.assert_close(with_ignored, torch.tensor(1.5 * LN2))
     x, t = torch.randn(2, 1, 5, 6), torch.randint(0, 2, (2, 1, 5, 6)).float()
-    torch.testing.assert_close(losses.bce_loss(x, t, 3.0), F.binary_cross_entropy_with_logits(
-        x, t, pos_weight=torch.tensor(3.0)))
+    torch.testing.assert_close(
+        losses.bce_loss(x, t, 3.0),
+        F.binary_cross_entropy_with_logits(x, t, pos_weight=torch.tensor(3.0)),
+    )
     assert losses.BCEWithLogitsLoss(3.0)(x, t) == losses.bce_loss(x, t, 3.0)
 
 
@@ -75,10 +80,18 @@ def test_losses_with_empty_masks_on_both_sides():
     torch.testing.assert_close(all_false_positive, torch.tensor(1 - 1 / (9 + 1)))  # smooth 1
 
 
-@pytest.mark.parametrize("loss, classes, options", [
-    (losses.bce_loss, 1, {}), (losses.bce_dice_loss, 1, {}), (losses.cross_entropy_loss, 3, {}),
-    (losses.dice_loss, 1, {}), (losses.dice_loss, 3, {}),
-    (losses.dice_loss, 1, {"smooth": 0.0}), (losses.dice_loss, 3, {"smooth": 0.0})])
+@pytest.mark.parametrize(
+    "loss, classes, options",
+    [
+        (losses.bce_loss, 1, {}),
+        (losses.bce_dice_loss, 1, {}),
+        (losses.cross_entropy_loss, 3, {}),
+        (losses.dice_loss, 1, {}),
+        (losses.dice_loss, 3, {}),
+        (losses.dice_loss, 1, {"smooth": 0.0}),
+        (losses.dice_loss, 3, {"smooth": 0.0}),
+    ],
+)
 def test_all_ignored_pixels_give_zero_loss_and_zero_gradient(loss, classes, options):
     logits = torch.randn(2, classes, 4, 4, requires_grad=True)
     target = torch.full((2, 1, 4, 4), 255.0) if classes == 1 else torch.full((2, 4, 4), 255)
@@ -107,12 +120,15 @@ TARGET = torch.tensor([[[1, 1, 0], [0, 0, 0]]])
 
 def test_binary_metrics_hand_computed():
     # class 1: TP 1, FP 1, FN 1; class 0: TP 3, FP 1, FN 1; 2 of 6 pixels wrong
-    torch.testing.assert_close(metrics.dice(PRED, TARGET), torch.tensor([6 / 8, 2 / 4],
-                                                                         dtype=torch.float64))
-    torch.testing.assert_close(metrics.iou(PRED, TARGET), torch.tensor([3 / 5, 1 / 3],
-                                                                       dtype=torch.float64))
-    torch.testing.assert_close(metrics.pixel_error(PRED, TARGET), torch.tensor([2 / 6, 2 / 6],
-                                                                               dtype=torch.float64))
+    torch.testing.assert_close(
+        metrics.dice(PRED, TARGET), torch.tensor([6 / 8, 2 / 4], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        metrics.iou(PRED, TARGET), torch.tensor([3 / 5, 1 / 3], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        metrics.pixel_error(PRED, TARGET), torch.tensor([2 / 6, 2 / 6], dtype=torch.float64)
+    )
     assert metrics.pixel_error(PRED, TARGET, per_class=False).item() == pytest.approx(2 / 6)
     # the data sets' binary format: float B×1×H×W, here with the false negative ignored
     target = TARGET.float().unsqueeze(1)
@@ -152,7 +168,7 @@ def test_metrics_empty_masks_and_all_ignored():
 def test_confusion_matrices_add_up_over_batches():
     pred, target = torch.randint(0, 3, (4, 5, 6)), torch.randint(0, 3, (4, 5, 6))
     whole = metrics.confusion_matrix(pred, target, 3)
-    halves = sum(metrics.confusion_matrix(pred[i:i + 2], target[i:i + 2], 3) for i in (0, 2))
+    halves = sum(metrics.confusion_matrix(pred[i : i + 2], target[i : i + 2], 3) for i in (0, 2))
     assert torch.equal(whole, halves) and whole.sum() == 4 * 5 * 6
     accuracy = (pred == target).double().mean()
     assert metrics.pixel_error_from_confusion(whole, per_class=False) == pytest.approx(1 - accuracy)

@@ -1,9 +1,10 @@
 """estimate_memory against measured saved-for-backward bytes; visualize_activations."""
+
 import pytest
 import torch
 
-from tests import tutorial_unet
 import unet_fast
+from tests import tutorial_unet
 from unet_fast.bench import saved_bytes
 
 
@@ -24,8 +25,11 @@ def test_fused_keeps_less_than_the_tutorial_and_the_tutorials_formula_undercount
     ours = unet_fast.estimate_memory(8, 512)
     theirs = unet_fast.estimate_memory(8, 512, fused=False)
     assert ours < 0.85 * theirs
-    tutorial_formula = sum(8 * c * s * s for s, c in [(512, 64), (256, 128), (128, 256),
-                                                      (64, 512), (32, 1024)]) * 2 * 4
+    tutorial_formula = (
+        sum(8 * c * s * s for s, c in [(512, 64), (256, 128), (128, 256), (64, 512), (32, 1024)])
+        * 2
+        * 4
+    )
     assert theirs > 2 * tutorial_formula
 
 

@@ -1,4 +1,5 @@
 """The variants, fused, against the same models run in plain PyTorch (backend="reference")."""
+
 import pytest
 import torch
 from torch import nn
@@ -34,11 +35,14 @@ def test_fused_variant_matches_its_plain_pytorch_self(cls, kwargs, fused_type, d
 def test_variants_keep_the_tutorials_names():
     att = unet_fast.AttentionUNet(3, 2, base_features=4)
     assert {"att1.W_g.weight", "att4.psi.1.running_var", "up1.conv.double_conv.0.weight"} <= set(
-        att.state_dict())
+        att.state_dict()
+    )
     res = unet_fast.ResUNet(3, 2, base_features=4)
     assert {"inc.conv.0.weight", "inc.conv.4.running_mean", "inc.shortcut.weight"} <= set(
-        res.state_dict())
+        res.state_dict()
+    )
     nested = unet_fast.UNetPlusPlus(3, 2, base_features=4, deep_supervision=True)
     assert {"conv0_4.double_conv.0.weight", "conv3_1.double_conv.4.bias", "heads.3.weight"} <= set(
-        nested.state_dict())
+        nested.state_dict()
+    )
     assert nested.conv0_4.double_conv[0].in_channels == 4 * 4 + 8

@@ -1,6 +1,7 @@
 """Overlap-tile prediction: one tile is exactly a plain forward pass, many tiles agree with the
 whole-image pass, and `predict_files` writes masks and overlays in the training masks' values,
 with every bad input refused before anything is written."""
+
 import numpy as np
 import pytest
 import tifffile
@@ -8,10 +9,12 @@ import torch
 from PIL import Image
 
 import unet_fast
+import unet_fast.train.predict_files as predict_command
 from unet_fast import cli
 from unet_fast.train import predict
 from unet_fast.train.checkpoint import CheckpointError, model_spec, save_checkpoint
-from unet_fast.train.predict import predict_files, predict_tiled
+from unet_fast.train.predict import predict_tiled
+from unet_fast.train.predict_files import predict_files
 
 
 def forward(model, image):
@@ -25,8 +28,10 @@ def mirrored(image, after_h, after_w, before=0):
     return torch.from_numpy(np.pad(image.numpy(), pads, mode="reflect"))
 
 
-@pytest.mark.parametrize("channels, classes, size", [(1, 1, (97, 130)), (3, 2, (97, 130)),
-                                                     (1, 3, (5, 7)), (3, 1, (64, 48))])
+@pytest.mark.parametrize(
+    "channels, classes, size",
+    [(1, 1, (97, 130)), (3, 2, (97, 130)), (1, 3, (5, 7)), (3, 1, (64, 48))],
+)
 def test_one_tile_is_exactly_the_padded_forward_pass(channels, classes, size):
     model = unet_fast.UNet(channels, classes, base_features=4).eval()
     image = torch.randn(channels, *size)
@@ -34,14 +39,17 @@ def test_one_tile_is_exactly_the_padded_forward_pass(channels, classes, size):
     padded_h, padded_w = (max(16, -(-s // 16) * 16) for s in size)
     want = forward(model, mirrored(image, padded_h - size[0], padded_w - size[1]))
     assert got.shape == (classes, *size)
-    assert torch.equal(got, want[:, :size[0], :size[1]])
+    assert torch.equal(got, want[:, : size[0], : size[1]])
     if size == (64, 48):  # already a valid size: the plain forward pass, nothing padded
         assert torch.equal(got, forward(model, image))
 
 
 # each symmetry's views as (quarter turns, mirror left-right), listed by hand
-VIEWS = {"dihedral": [(t, f) for t in range(4) for f in (False, True)],
-         "hflip": [(0, False), (0, True)], "none": [(0, False)]}
+VIEWS = {
+    "dihedral": [(t, f) for t in range(4) for f in (False, True)],
+    "hflip": [(0, False), (0, True)],
+    "none": [(0, False)],
+}
 
 
 @pytest.mark.parametrize("symmetry", sorted(VIEWS))
@@ -58,8 +66,9 @@ def test_test_time_augmentation_averages_the_views_mapped_back(symmetry):
     torch.testing.assert_close(got, torch.stack(views).mean(0))
     if len(views) > 1:
         assert not torch.allclose(views[0], views[1])  # the views differ: the mean means something
-    assert torch.equal(predict.predict_averaged(model, image, tile=256),
-                       predict_tiled(model, image, tile=256))
+    assert torch.equal(
+        predict.predict_averaged(model, image, tile=256), predict_tiled(model, image, tile=256)
+    )
     with pytest.raises(ValueError, match="symmetry must be one of"):
         predict.predict_averaged(model, image, tta=True, symmetry="rot45")
 
@@ -67,8 +76,9 @@ def test_test_time_augmentation_averages_the_views_mapped_back(symmetry):
 def test_odd_sizes_tiled_keep_their_size_and_channels():
     for channels in (1, 3):
         model = unet_fast.UNet(channels, 3, base_features=4).eval()
-        logits = predict_tiled(model, torch.randn(channels, 97, 130), tile=48, overlap=16,
-                               batch_size=3)
+        logits = predict_tiled(
+            model, torch.randn(channels, 97, 130), tile=48, overlap=16, batch_size=3
+        )
         assert logits.shape == (3, 97, 130) and logits.dtype == torch.float32
         assert torch.isfinite(logits).all()
 
@@ -78,8 +88,10 @@ def test_tiles_agree_with_the_whole_image_and_overlap_removes_seams():
     image = torch.randn(1, 160, 224)
     whole = forward(model, image)[0]
     spread = (whole - whole.median()).abs().max()
-    error = {overlap: (predict_tiled(model, image, tile=96, overlap=overlap)[0] - whole).abs()
-             for overlap in (0, 32)}
+    error = {
+        overlap: (predict_tiled(model, image, tile=96, overlap=overlap)[0] - whole).abs()
+        for overlap in (0, 32)
+    }
     # the bottom and right tiles reach into mirrored pixels where the whole pass saw zeros
     interior = (slice(0, -32), slice(0, -32))
     assert error[32][interior].max() < 0.02 * spread
@@ -101,15 +113,20 @@ def test_valid_padding_tiles_equal_the_whole_mirrored_image():
     assert want.shape == (2, 116, 164) and got.shape == (2, 100, 130)
     torch.testing.assert_close(got, want[:, :100, :130], rtol=1e-4, atol=1e-5)
     small = torch.randn(1, 40, 60)  # one tile of the smallest valid size: outputs 52 x 68
-    assert torch.equal(predict_tiled(model, small, tile=572),
-                       forward(model, mirrored(small, 52 - 40, 68 - 60, before=92))[:, :40, :60])
+    assert torch.equal(
+        predict_tiled(model, small, tile=572),
+        forward(model, mirrored(small, 52 - 40, 68 - 60, before=92))[:, :40, :60],
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"tile": 8}, "tile 8 is too small"),
-    ({"tile": 64, "overlap": 56}, "overlap 56 leaves no room"),
-    ({"batch_size": 0}, "batch_size >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tile": 8}, "tile 8 is too small"),
+        ({"tile": 64, "overlap": 56}, "overlap 56 leaves no room"),
+        ({"batch_size": 0}, "batch_size >= 1"),
+    ],
+)
 def test_tiling_arguments_are_checked(kwargs, message):
     model = unet_fast.UNet(1, 1, base_features=4).eval()
     with pytest.raises(ValueError, match=message):
@@ -124,8 +141,10 @@ MEAN, STD = 0.3, 0.2
 
 
 def save_model(tmp_path, model, data, name="model.pt"):
-    return save_checkpoint({"model": model_spec(model), "state_dict": model.state_dict(),
-                            "data": data}, tmp_path / name)
+    return save_checkpoint(
+        {"model": model_spec(model), "state_dict": model.state_dict(), "data": data},
+        tmp_path / name,
+    )
 
 
 def binary_checkpoint(tmp_path, image):
@@ -135,8 +154,16 @@ def binary_checkpoint(tmp_path, image):
     logits = predict_tiled(model, (torch.from_numpy(image)[None] - MEAN) / STD, tile=64)
     with torch.no_grad():
         model.outc.bias -= logits.median()
-    data = {"channels": 1, "mean": [MEAN], "std": [STD], "binary": True, "num_classes": 2,
-            "threshold": 0.5, "foreground_value": 0, "class_values": [255, 0]}
+    data = {
+        "channels": 1,
+        "mean": [MEAN],
+        "std": [STD],
+        "binary": True,
+        "num_classes": 2,
+        "threshold": 0.5,
+        "foreground_value": 0,
+        "class_values": [255, 0],
+    }
     return save_model(tmp_path, model, data), model
 
 
@@ -170,15 +197,25 @@ def test_binary_masks_hold_the_training_values_and_overlays_colour_the_foregroun
 
 def test_multiclass_rgb_and_tiff_stack_pages(tmp_path):
     model = unet_fast.UNet(3, 3, base_features=4).eval()
-    data = {"channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "binary": False,
-            "num_classes": 3, "threshold": 0.5, "foreground_value": 1, "class_values": [0, 7, 9]}
+    data = {
+        "channels": 3,
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.25, 0.3],
+        "binary": False,
+        "num_classes": 3,
+        "threshold": 0.5,
+        "foreground_value": 1,
+        "class_values": [0, 7, 9],
+    }
     mean, std = np.array(data["mean"], np.float32), np.array(data["std"], np.float32)
     normalised = lambda image: torch.from_numpy(  # noqa: E731
-        ((image - mean) / std).astype(np.float32).transpose(2, 0, 1))
+        ((image - mean) / std).astype(np.float32).transpose(2, 0, 1)
+    )
     rgb = np.random.default_rng(1).integers(0, 256, (40, 36, 3), dtype=np.uint8)
     with torch.no_grad():  # centre every class's logits, so that all three classes appear
-        model.outc.bias -= predict_tiled(model, normalised(rgb / np.float32(255))).median(2)[0] \
-            .median(1)[0]
+        model.outc.bias -= (
+            predict_tiled(model, normalised(rgb / np.float32(255))).median(2)[0].median(1)[0]
+        )
     path = save_model(tmp_path, model, data)
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -189,10 +226,18 @@ def test_multiclass_rgb_and_tiff_stack_pages(tmp_path):
     Image.fromarray(rgb).save(inputs / ".hidden.png")
 
     written = predict_files(path, [inputs], tmp_path / "out", tile=32, overlap=8)
-    assert [p.name for p in written] == ["a_p0_mask.png", "a_p0_overlay.png", "a_p1_mask.png",
-                                         "a_p1_overlay.png", "b_mask.png", "b_overlay.png"]
-    for image, mask_path in [(np.repeat(stack[1, ..., None], 3, -1) / np.float32(65535),
-                              written[2]), (rgb / np.float32(255), written[4])]:
+    assert [p.name for p in written] == [
+        "a_p0_mask.png",
+        "a_p0_overlay.png",
+        "a_p1_mask.png",
+        "a_p1_overlay.png",
+        "b_mask.png",
+        "b_overlay.png",
+    ]
+    for image, mask_path in [
+        (np.repeat(stack[1, ..., None], 3, -1) / np.float32(65535), written[2]),
+        (rgb / np.float32(255), written[4]),
+    ]:
         logits = predict_tiled(model, normalised(image), tile=32, overlap=8)
         want = np.array([0, 7, 9])[logits.argmax(0).numpy()]
         mask = np.asarray(Image.open(mask_path))
@@ -220,8 +265,12 @@ def test_bad_input_is_refused_before_anything_is_written(good, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not really")
-    tifffile.imwrite(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint8),
-                     photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(
+        tmp_path / "five.tif",
+        np.zeros((8, 8, 5), np.uint8),
+        photometric="minisblack",
+        planarconfig="contig",
+    )
     Image.fromarray(grey((8, 8))).save(tmp_path / "a.tif")
     cases = [
         ([folder, tmp_path / "missing.png"], FileNotFoundError, "missing.png does not exist"),
@@ -259,8 +308,15 @@ def test_output_folder_and_checkpoint_errors(good, tmp_path):
     model = unet_fast.UNet(1, 1, base_features=4)
     with pytest.raises(CheckpointError, match="records no 'data' entry"):
         predict_files(save_model(tmp_path, model, None, "bare.pt"), [folder], out)
-    multi = {"channels": 1, "mean": [0.5], "std": [0.2], "binary": False, "num_classes": 3,
-             "threshold": 0.5, "class_values": [0, 1, 2]}
+    multi = {
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.2],
+        "binary": False,
+        "num_classes": 3,
+        "threshold": 0.5,
+        "class_values": [0, 1, 2],
+    }
     with pytest.raises(CheckpointError, match="the model has 1 outputs"):
         predict_files(save_model(tmp_path, model, multi, "odd.pt"), [folder], out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
@@ -269,15 +325,30 @@ def test_output_folder_and_checkpoint_errors(good, tmp_path):
 def test_command_line_writes_outputs_and_reports_one_line_errors(good, capsys):
     path, folder, out = good
     parser = cli.Parser(prog="unet-fast predict")
-    predict.add_arguments(parser)
-    args = parser.parse_args([str(path), str(folder), "--out", str(out), "--tile", "32",
-                              "--overlap", "8", "--batch-size", "2", "--device", "cpu",
-                              "--tta", "--quiet"])
-    assert predict.main(args) == [out / "a_mask.png", out / "a_overlay.png"]
+    predict_command.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            str(path),
+            str(folder),
+            "--out",
+            str(out),
+            "--tile",
+            "32",
+            "--overlap",
+            "8",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--tta",
+            "--quiet",
+        ]
+    )
+    assert predict_command.main(args) == [out / "a_mask.png", out / "a_overlay.png"]
     assert "wrote 1 masks and overlays" in capsys.readouterr().out
     args = parser.parse_args([str(path), str(folder / "nope.png"), "--out", str(out)])
     with pytest.raises(ValueError, match="nope.png does not exist"):
-        predict.main(args)
+        predict_command.main(args)
 
 
 def test_tta_averages_the_views_the_model_was_trained_under(tmp_path):
@@ -288,8 +359,9 @@ def test_tta_averages_the_views_the_model_was_trained_under(tmp_path):
     image = (torch.from_numpy(pixels.astype(np.float32) / 255)[None] - MEAN) / STD
     masks = {}
     for symmetry in ("dihedral", "hflip"):
-        trained = save_checkpoint({**state, "config": {"symmetry": symmetry}},
-                                  tmp_path / f"{symmetry}.pt")
+        trained = save_checkpoint(
+            {**state, "config": {"symmetry": symmetry}}, tmp_path / f"{symmetry}.pt"
+        )
         written = predict_files(trained, [tmp_path / "a.png"], tmp_path / symmetry, tta=True)
         masks[symmetry] = np.asarray(Image.open(written[0]))
         logits = predict.predict_averaged(model, image, True, symmetry)
@@ -309,8 +381,9 @@ def test_a_learnt_label_offset_moves_the_predicted_mask(tmp_path):
     moved = np.asarray(Image.open(predict_files(shifted, [tmp_path / "a.png"], tmp_path / "o")[0]))
     np.testing.assert_array_equal(moved[1:], plain[:-1])
     np.testing.assert_array_equal(moved[0], plain[0])  # the edge row replicated
-    broken = save_checkpoint({**state, "offset": {"weight": torch.zeros(2, 1, 3, 3)}},
-                             tmp_path / "broken.pt")
+    broken = save_checkpoint(
+        {**state, "offset": {"weight": torch.zeros(2, 1, 3, 3)}}, tmp_path / "broken.pt"
+    )
     with pytest.raises(CheckpointError, match="label offset does not fit the model's 1 outputs"):
         predict_files(broken, [tmp_path / "a.png"], tmp_path / "b")
     assert not (tmp_path / "b").exists()

@@ -1,4 +1,5 @@
 """The fused modules against the nn.Sequential they replace: state_dict, training, eval, caching."""
+
 import copy
 import pickle
 
@@ -7,9 +8,14 @@ import torch
 from torch import nn
 
 from tests import tutorial_unet
-from tests.helpers import assert_close, assert_histories_close, training_history
-from unet_fast.nn import CropConcat, FusedConvBNReLU, FusedDoubleConv
+from tests.helpers import (
+    assert_bf16_within_rule,
+    assert_close,
+    assert_histories_close,
+    training_history,
+)
 from unet_fast import reference
+from unet_fast.nn import CropConcat, FusedConvBNReLU, FusedDoubleConv
 
 
 def pair(cls, *args, dtype=torch.float64, **kw):
@@ -32,8 +38,12 @@ def test_train_eval_train_eval_matches_sequential(cls, args, dtype, channels_las
     x = torch.randn(2, 3, 17, 12, dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    assert_histories_close(training_history(fused, x, lr=0.05), training_history(plain, x, lr=0.05),
-                           dtype, float32_tol=1e-5)
+    assert_histories_close(
+        training_history(fused, x, lr=0.05),
+        training_history(plain, x, lr=0.05),
+        dtype,
+        float32_tol=1e-5,
+    )
 
 
 def test_state_dict_keys_match_and_tutorial_checkpoints_load():
@@ -45,7 +55,8 @@ def test_state_dict_keys_match_and_tutorial_checkpoints_load():
     with torch.no_grad():
         assert_close(fused.float().eval()(x), tutorial.eval()(x), torch.float32)
     assert list(FusedConvBNReLU(3, 4).state_dict()) == list(
-        nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()).state_dict())
+        nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()).state_dict()
+    )
 
 
 def test_folded_weights_follow_every_change():
@@ -62,6 +73,32 @@ def test_folded_weights_follow_every_change():
         fused.load_state_dict(pair(FusedDoubleConv, 3, 4)[1].state_dict())
         plain.load_state_dict(fused.state_dict())
         assert_close(fused(x), plain(x), torch.float64)
+
+
+def test_autocast_eval_caches_folded_weights_per_dtype():
+    """Under autocast the folded weights are cast (and prepacked) once per dtype, kept beside the
+    float32 ones, and rebuilt when a parameter changes, as the float32 cache is."""
+    fused, plain = pair(FusedConvBNReLU, 3, 4)
+    fused, plain = fused.float().eval(), plain.float().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        fused(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            got = fused(x)
+            cached = fused.folded[0].entries[torch.bfloat16][1][0]
+            fused(x)
+            assert fused.folded[0].entries[torch.bfloat16][1][0] is cached  # not folded again
+            want = plain(x)
+        assert set(fused.folded[0].entries) == {torch.float32, torch.bfloat16}
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert_bf16_within_rule([got], [want], [plain.double()(x.double())])
+        plain.float()
+        for model in (fused, plain):
+            model[1].running_mean.add_(1.0)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert fused(x).dtype == torch.bfloat16
+            assert fused.folded[0].entries[torch.bfloat16][1][0] is not cached
+            assert_bf16_within_rule([fused(x)], [plain(x)], [plain.double()(x.double())])
 
 
 def test_momentum_none_is_a_cumulative_average_and_untracked_stats_work():

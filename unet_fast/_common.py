@@ -15,15 +15,11 @@ def stats_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def memory_format(t: Tensor) -> torch.memory_format:
-    return torch._prims_common.suggest_memory_format(t)
-
-
-def empty_like_layout(t: Tensor, shape=None, dtype=None) -> Tensor:
+def empty_like_layout(t: Tensor, shape=None) -> Tensor:
     """A new tensor of `shape` (default: t's) in t's memory format (contiguous or channels_last),
     as the kernels return their outputs."""
-    out = t.new_empty(t.shape if shape is None else shape, dtype=dtype)
-    return out.contiguous(memory_format=memory_format(t))
+    out = t.new_empty(t.shape if shape is None else shape)
+    return out.contiguous(memory_format=torch._prims_common.suggest_memory_format(t))
 
 
 def bn_affine(mean, invstd, weight, bias):

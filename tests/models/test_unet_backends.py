@@ -30,15 +30,6 @@ def test_unet_on_the_triton_backend_matches_reference():
 
 
 @needs_cuda
-def test_opcheck_on_cuda():
-    x = torch.randn(2, 3, 8, 9, device="cuda", dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, device="cuda", dtype=torch.float64, requires_grad=True)
-    g = torch.rand(4, device="cuda", dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.unet_fast.conv_bn_relu.default, (x, w, None, g, None, 1e-5, 1))
-    torch.library.opcheck(torch.ops.unet_fast.crop_concat.default, (x, x[:, :2], (5, 7)))
-
-
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_unet_on_cuda_matches_reference(dtype):
     ours = unet_fast.UNet(3, 2, base_features=4, bilinear=False).to("cuda", dtype)

@@ -606,3 +606,11 @@ def test_nan_and_inf_propagate_as_in_the_reference(backend, device, op, training
     buffers = [[t for g in groups for t in g[4:]] for groups in (ours, theirs)]
     for g, w in zip(got_all + buffers[0], want_all + buffers[1], strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@needs_cuda
+def test_opcheck_on_cuda():
+    x = torch.randn(2, 3, 8, 9, device="cuda", dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+    g = torch.rand(4, device="cuda", dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.unet_fast.conv_bn_relu.default, (x, w, None, g, None, 1e-5, 1))

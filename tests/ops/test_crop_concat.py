@@ -240,3 +240,9 @@ def test_nan_and_inf_are_copied_as_they_are(backend, device):
     want = reference.crop_concat(skip, up, (7, 10))
     assert want.isnan().any() and want.isinf().any()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_cuda
+def test_opcheck_on_cuda():
+    x = torch.randn(2, 3, 8, 9, device="cuda", dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.unet_fast.crop_concat.default, (x, x[:, :2], (5, 7)))

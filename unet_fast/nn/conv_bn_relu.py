@@ -258,66 +258,42 @@ class FusedDoubleConv(FusedSequential):
             and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference"
         )
 
+    def training_layers(self):
+        """((weight, bias, bn_weight, bn_bias, running_mean, running_var) of each layer, their
+        momentum factors, their eps), as BatchNorm2d.forward decides them (counting the batch)."""
+        layers, momenta = [], []
+        for conv, bn in ((self[0], self[1]), (self[3], self[4])):
+            _, running_mean, running_var, momentum = batch_norm_mode(bn)
+            layers.append((conv.weight, conv.bias, bn.weight, bn.bias, running_mean, running_var))
+            momenta.append(momentum)
+        return layers, momenta, (self[1].eps, self[4].eps)
+
     def forward_recipe(self, x):
         """(output, recipe that recomputes it): see unet_fast.ops.recompute; the recipe is None
         outside fused training."""
-        conv1, bn1, _, conv2, bn2, _ = self
-        if self.fused_training(x):
-            mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
-            return ops.double_conv(
-                x,
-                conv1.weight,
-                conv1.bias,
-                bn1.weight,
-                bn1.bias,
-                mode1[1],
-                mode1[2],
-                conv2.weight,
-                conv2.bias,
-                bn2.weight,
-                bn2.bias,
-                mode2[1],
-                mode2[2],
-                True,
-                mode1[3],
-                mode2[3],
-                bn1.eps,
-                bn2.eps,
-                conv1.padding[0],
-                backend=self.backend,
-                return_recipe=True,
-            )
-        return super().forward(x), None  # eval, or the reference
+        if not self.fused_training(x):
+            return super().forward(x), None  # eval, or the reference
+        (layer1, layer2), momenta, epsilons = self.training_layers()
+        return ops.double_conv(
+            x,
+            *layer1,
+            *layer2,
+            True,
+            *momenta,
+            *epsilons,
+            self[0].padding[0],
+            backend=self.backend,
+            return_recipe=True,
+        )
 
     def forward_joined(self, skip, up, size, recipe=None):
         """self(crop_concat(skip, up, size)); given skip's recipe, training keeps that recipe and
         `up` for backward instead of the concatenated tensor."""
         if recipe is None or not self.fused_training(skip) or not torch.is_grad_enabled():
             return self(ops.crop_concat(skip, up, size, backend=self.backend))
-        conv1, bn1, _, conv2, bn2, _ = self
-        mode1, mode2 = batch_norm_mode(bn1), batch_norm_mode(bn2)
+        (layer1, layer2), momenta, epsilons = self.training_layers()
         return recompute.join_double_conv(
-            skip,
-            recipe,
-            up,
-            size,
-            conv1.weight,
-            conv1.bias,
-            bn1.weight,
-            bn1.bias,
-            mode1[1],
-            mode1[2],
-            conv2.weight,
-            conv2.bias,
-            bn2.weight,
-            bn2.bias,
-            mode2[1],
-            mode2[2],
-            mode1[3],
-            mode2[3],
-            bn1.eps,
-            bn2.eps,
-            conv1.padding[0],
+            skip, recipe, up, size, layer1, layer2, momenta, epsilons, self[0].padding[0]
         )
 
 

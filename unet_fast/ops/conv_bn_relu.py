@@ -68,34 +68,11 @@ def conv_bn_relu(
         and x.dtype in (torch.bfloat16, torch.float16)
         and needs_grad(weight, bias, bn_weight, bn_bias)
     )
+    args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats)
     if chosen == "reference" or keep_bn:
-        return reference.conv_bn_relu(
-            x,
-            weight,
-            bias,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            batch_stats,
-            momentum,
-            eps,
-            padding,
-        )
+        return reference.conv_bn_relu(*args, momentum, eps, padding)
     if chosen == "triton":
-        return _triton_conv_bn_relu(
-            x,
-            weight,
-            bias,
-            bn_weight,
-            bn_bias,
-            running_mean,
-            running_var,
-            batch_stats,
-            momentum,
-            eps,
-            padding,
-        )
+        return _triton_conv_bn_relu(*args, momentum, eps, padding)
     if batch_stats:
         out, y, mean, _, var = torch.ops.unet_fast.conv_bn_relu(
             x, weight, bias, bn_weight, bn_bias, eps, padding
@@ -165,54 +142,15 @@ def double_conv(
     """
     batch_stats = training or running_mean1 is None or running_mean2 is None
     chosen = _backend.resolve(backend, x.device, "conv_bn_relu")
+    x, weight1, bias1, weight2, bias2 = autocast_inputs(x, weight1, bias1, weight2, bias2)
+    layer1 = (weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1)
+    layer2 = (weight2, bias2, bn_weight2, bn_bias2, running_mean2, running_var2)
     three_by_three = weight1.shape[2:] == weight2.shape[2:] == (3, 3)
     if not batch_stats or chosen == "reference" or (chosen == "triton" and not three_by_three):
-        x = conv_bn_relu(
-            x,
-            weight1,
-            bias1,
-            bn_weight1,
-            bn_bias1,
-            running_mean1,
-            running_var1,
-            training,
-            momentum1,
-            eps1,
-            padding,
-            backend=backend,
-        )
-        out = conv_bn_relu(
-            x,
-            weight2,
-            bias2,
-            bn_weight2,
-            bn_bias2,
-            running_mean2,
-            running_var2,
-            training,
-            momentum2,
-            eps2,
-            padding,
-            backend=backend,
-        )
+        x = conv_bn_relu(x, *layer1, training, momentum1, eps1, padding, backend=backend)
+        out = conv_bn_relu(x, *layer2, training, momentum2, eps2, padding, backend=backend)
         return (out, None) if return_recipe else out
-    x, weight1, bias1, weight2, bias2 = autocast_inputs(x, weight1, bias1, weight2, bias2)
-    check_double_conv(
-        x,
-        weight1,
-        bias1,
-        bn_weight1,
-        bn_bias1,
-        running_mean1,
-        running_var1,
-        weight2,
-        bias2,
-        bn_weight2,
-        bn_bias2,
-        running_mean2,
-        running_var2,
-        padding,
-    )
+    check_double_conv(x, layer1, layer2, padding)
     op = torch.ops.unet_fast.double_conv
     if (
         chosen == "triton"
@@ -221,18 +159,7 @@ def double_conv(
         kernels.check_dtype(x)
         op = torch.ops.unet_fast.double_conv_triton
     out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2 = op(
-        x,
-        weight1,
-        bias1,
-        bn_weight1,
-        bn_bias1,
-        weight2,
-        bias2,
-        bn_weight2,
-        bn_bias2,
-        eps1,
-        eps2,
-        padding,
+        x, *layer1[:4], *layer2[:4], eps1, eps2, padding
     )
     update_running_stats(running_mean1, running_var1, mean1, var1, momentum1, y1[:, 0].numel())
     update_running_stats(running_mean2, running_var2, mean2, var2, momentum2, y2[:, 0].numel())
@@ -241,37 +168,13 @@ def double_conv(
     return (out, recipe) if return_recipe else out
 
 
-def check_double_conv(
-    x,
-    weight1,
-    bias1,
-    bn_weight1,
-    bn_bias1,
-    running_mean1,
-    running_var1,
-    weight2,
-    bias2,
-    bn_weight2,
-    bn_bias2,
-    running_mean2,
-    running_var2,
-    padding,
-):
-    """Both layers' checks; the second sees the first's output shape."""
-    check_conv(x, weight1, bias1, bn_weight1, bn_bias1, running_mean1, running_var1, padding, True)
-    h1 = x.shape[2] + 2 * padding - weight1.shape[2] + 1
-    w1 = x.shape[3] + 2 * padding - weight1.shape[3] + 1
-    check_conv(
-        x.new_zeros(()).expand(x.shape[0], weight1.shape[0], max(h1, 0), max(w1, 0)),
-        weight2,
-        bias2,
-        bn_weight2,
-        bn_bias2,
-        running_mean2,
-        running_var2,
-        padding,
-        True,
-    )
+def check_double_conv(x, layer1, layer2, padding):
+    """Both layers' checks, each layer (weight, bias, bn_weight, bn_bias, running_mean,
+    running_var); the second sees the first's output shape."""
+    check_conv(x, *layer1, padding, True)
+    n, c = x.shape[0], layer1[0].shape[0]
+    h, w = (max(x.shape[i] + 2 * padding - layer1[0].shape[i] + 1, 0) for i in (2, 3))
+    check_conv(x.new_zeros(()).expand(n, c, h, w), *layer2, padding, True)
 
 
 def batch_norm_relu(
@@ -353,33 +256,13 @@ def _fake_double_conv(x, w1, b1, g1, be1, w2, b2, g2, be2, eps1, eps2, padding):
     return (out, y1, y2, *stats1, *stats2)
 
 
-def _fake_double_conv_backward(
-    grad_out,
-    x,
-    w1,
-    has_b1,
-    y1,
-    g1,
-    be1,
-    mean1,
-    invstd1,
-    w2,
-    has_b2,
-    y2,
-    g2,
-    be2,
-    mean2,
-    invstd2,
-    padding,
-    input_grad,
-):
-    layer2 = _fake_conv_bn_relu_backward(
-        grad_out, y1, w2, has_b2, y2, g2, be2, mean2, invstd2, padding, True
-    )
-    layer1 = _fake_conv_bn_relu_backward(
-        layer2[0], x, w1, has_b1, y1, g1, be1, mean1, invstd1, padding, input_grad
-    )
-    return [*layer1, *layer2[1:]]
+def _fake_double_conv_backward(grad_out, x, *args):
+    """args: (weight, has_bias, y, bn_weight, bn_bias, mean, invstd) per layer, padding,
+    input_grad."""
+    layer1, layer2, (padding, input_grad) = args[:7], args[7:14], args[14:]
+    grads2 = _fake_conv_bn_relu_backward(grad_out, layer1[2], *layer2, padding, True)
+    grads1 = _fake_conv_bn_relu_backward(grads2[0], x, *layer1, padding, input_grad)
+    return [*grads1, *grads2[1:]]
 
 
 # --- autograd ---
@@ -470,29 +353,21 @@ def _double_setup(ctx, inputs, output):
     _no_statistics_grads(ctx, output)
 
 
+def double_conv_backward(grad_out, x, saved, has_bias, padding, input_grad):
+    """unet_fast::double_conv_backward from the tensors a double conv saves for backward:
+    (weight, y, bn_weight, bn_bias, mean, invstd) of each layer, in that order."""
+    (w1, *rest1), (w2, *rest2) = saved[:6], saved[6:]
+    return torch.ops.unet_fast.double_conv_backward(
+        grad_out, x, w1, has_bias[0], *rest1, w2, has_bias[1], *rest2, padding, input_grad
+    )
+
+
 def _double_backward(ctx, grad_out, *_):
     if grad_out is None:
         return (None,) * 12
-    x, w1, y1, g1, be1, mean1, invstd1, w2, y2, g2, be2, mean2, invstd2 = ctx.saved_tensors
-    grads = torch.ops.unet_fast.double_conv_backward(
-        grad_out,
-        x,
-        w1,
-        ctx.has_bias[0],
-        y1,
-        g1,
-        be1,
-        mean1,
-        invstd1,
-        w2,
-        ctx.has_bias[1],
-        y2,
-        g2,
-        be2,
-        mean2,
-        invstd2,
-        ctx.padding,
-        ctx.needs_input_grad[0],
+    x, *saved = ctx.saved_tensors
+    grads = double_conv_backward(
+        grad_out, x, saved, ctx.has_bias, ctx.padding, ctx.needs_input_grad[0]
     )
     return (
         grads[0] if ctx.needs_input_grad[0] else None,

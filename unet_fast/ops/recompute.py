@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .._common import update_running_stats
 from ._checks import autocast_inputs
-from .conv_bn_relu import check_double_conv
+from .conv_bn_relu import check_double_conv, double_conv_backward
 
 unet_fast = torch.ops.unet_fast
 
@@ -66,115 +66,35 @@ class _JoinDoubleConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_):
-        up, w1, y1, g1, be1, mean1, invstd1, w2, y2, g2, be2, mean2, invstd2, *recipe = (
-            ctx.saved_tensors
-        )
+        up, *saved = ctx.saved_tensors
+        saved, recipe = saved[:12], saved[12:]
         skip_channels, skip_size, size, padding, has_b1, has_b2 = ctx.meta
-        none = (None,) * (14 + len(recipe))
         if grad_out is None:
-            return none
+            return (None,) * (14 + len(recipe))
         joined = unet_fast.crop_concat(recompute(recipe), up, size)
-        g = unet_fast.double_conv_backward(
-            grad_out,
-            joined,
-            w1,
-            has_b1,
-            y1,
-            g1,
-            be1,
-            mean1,
-            invstd1,
-            w2,
-            has_b2,
-            y2,
-            g2,
-            be2,
-            mean2,
-            invstd2,
-            padding,
-            True,
-        )
+        g = double_conv_backward(grad_out, joined, saved, (has_b1, has_b2), padding, True)
         grad_skip, grad_up = unet_fast.crop_concat_backward(
             g[0], skip_channels, skip_size, up.shape[-2:]
         )
-        return (
-            grad_skip,
-            grad_up,
-            None,
-            None,
-            None,
-            None,
-            g[1],
-            g[2] if has_b1 else None,
-            g[3],
-            g[4],
-            g[5],
-            g[6] if has_b2 else None,
-            g[7],
-            g[8],
-            *none[14:],
-        )
+        layer1 = (g[1], g[2] if has_b1 else None, g[3], g[4])
+        layer2 = (g[5], g[6] if has_b2 else None, g[7], g[8])
+        return (grad_skip, grad_up, *[None] * 4, *layer1, *layer2, *[None] * len(recipe))
 
 
-def join_double_conv(
-    skip,
-    recipe,
-    up,
-    size,
-    weight1,
-    bias1,
-    bn_weight1,
-    bn_bias1,
-    running_mean1,
-    running_var1,
-    weight2,
-    bias2,
-    bn_weight2,
-    bn_bias2,
-    running_mean2,
-    running_var2,
-    momentum1,
-    momentum2,
-    eps1,
-    eps2,
-    padding,
-):
+def join_double_conv(skip, recipe, up, size, layer1, layer2, momenta, epsilons, padding):
     """Training-mode double_conv(crop_concat(skip, up, size)) for a `skip` that is a double conv's
-    output with `recipe`: keeps `up` and the recipe for backward instead of the concatenation."""
-    up, weight1, bias1, weight2, bias2 = autocast_inputs(up, weight1, bias1, weight2, bias2)
-    check_double_conv(
-        skip.new_zeros(()).expand(skip.shape[0], skip.shape[1] + up.shape[1], *size),
-        weight1,
-        bias1,
-        bn_weight1,
-        bn_bias1,
-        running_mean1,
-        running_var1,
-        weight2,
-        bias2,
-        bn_weight2,
-        bn_bias2,
-        running_mean2,
-        running_var2,
-        padding,
-    )
+    output with `recipe`: keeps `up` and the recipe for backward instead of the concatenation.
+    Each layer is (weight, bias, bn_weight, bn_bias, running_mean, running_var)."""
+    up, w1, b1, w2, b2 = autocast_inputs(up, layer1[0], layer1[1], layer2[0], layer2[1])
+    layer1, layer2 = (w1, b1, *layer1[2:]), (w2, b2, *layer2[2:])
+    joined_shape = (skip.shape[0], skip.shape[1] + up.shape[1], *size)
+    check_double_conv(skip.new_zeros(()).expand(joined_shape), layer1, layer2, padding)
     out, y1, y2, mean1, var1, mean2, var2 = _JoinDoubleConv.apply(
-        skip,
-        up,
-        tuple(size),
-        eps1,
-        eps2,
-        padding,
-        weight1,
-        bias1,
-        bn_weight1,
-        bn_bias1,
-        weight2,
-        bias2,
-        bn_weight2,
-        bn_bias2,
-        *recipe,
+        skip, up, tuple(size), *epsilons, padding, *layer1[:4], *layer2[:4], *recipe
     )
-    update_running_stats(running_mean1, running_var1, mean1, var1, momentum1, y1[:, 0].numel())
-    update_running_stats(running_mean2, running_var2, mean2, var2, momentum2, y2[:, 0].numel())
+    for layer, mean, var, momentum, y in (
+        (layer1, mean1, var1, momenta[0], y1),
+        (layer2, mean2, var2, momenta[1], y2),
+    ):
+        update_running_stats(layer[4], layer[5], mean, var, momentum, y[:, 0].numel())
     return out

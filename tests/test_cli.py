@@ -72,3 +72,18 @@ def test_bad_arguments_are_one_line_too(argv, message, capsys):
         cli.main(argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_bench_autocast_times_the_drop_in_case_against_both_layouts(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    args = ["bench", "--size", "32", "--base-features", "4", "--rounds", "1", "--warmup", "0"]
+    assert cli.main([*args, "--quiet", "--autocast", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "under torch.autocast" in text and "channels_last" in text and "vs ch-last" in text
+    (run,) = json.loads(path.read_text())["runs"]  # float32 has no autocast run
+    assert run["dtype"] == "bfloat16 autocast"
+    for name in ("baseline", "baseline_channels_last", "candidate"):
+        assert run[f"{name}_inference_images_per_s"] > 0 and run[f"{name}_saved_bytes"] > 0
+    assert run["gradient_diff"][2] and run["inference_output_diff"][2]  # within tolerance
+    assert cli.main([*args, "--quiet", "--autocast", "--dtype", "float32"]) == 2
+    assert "--autocast needs --dtype bfloat16 or float16" in capsys.readouterr().err

@@ -9,6 +9,7 @@ parameters excluded), peak memory, and the largest output and gradient differenc
 outside tolerance.
 """
 
+import copy
 import json
 import resource
 import statistics
@@ -98,18 +99,21 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def step(model, x, mode):
-    """One inference or training step: (seconds, output, parameter gradients)."""
+def step(model, x, mode, autocast_dtype=None):
+    """One inference or training step, under autocast when given its dtype: (seconds, output,
+    parameter gradients)."""
+    autocast = torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None)
     start = time.perf_counter()
     if mode == "inference":
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             out = model(x)
         grads = None
     else:
         model.train()
         model.zero_grad(set_to_none=True)
-        out = model(x)
+        with autocast:
+            out = model(x)
         out.float().square().mean().backward()
         grads = [p.grad for p in model.parameters()]
     synchronize(x.device)
@@ -123,22 +127,43 @@ def largest_difference(got, want, dtype):
     return diff, diff / scale, diff / scale <= TOLERANCE[dtype]
 
 
+# The models timed: the tutorial as written (NCHW), the tutorial as experts run it
+# (channels_last), and unet_fast's, all with the same weights.
+MODELS = ("baseline", "baseline_channels_last", "candidate")
+
+
 def bench_dtype(args, device, dtype, progress) -> dict:
+    """One dtype's figures: the models in `dtype`, or (--autocast) in float32 under
+    torch.autocast to `dtype`, the drop-in case."""
     torch.manual_seed(0)
     baseline = reference.UNet(3, 2, args.base_features, bilinear=False)
     ours = UNet(3, 2, args.base_features, bilinear=False, backend=args.backend)
     ours.load_state_dict(baseline.state_dict())
-    models = {"baseline": baseline.to(device, dtype), "candidate": ours.to(device, dtype)}
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=dtype)
-    result = {"dtype": str(dtype).replace("torch.", ""), "forward_flops": conv_flops(baseline, x)}
+    weights = torch.float32 if args.autocast else dtype
+    autocast_dtype = dtype if args.autocast else None
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=weights)
+    channels_last = copy.deepcopy(baseline).to(memory_format=torch.channels_last)
+    models = {
+        "baseline": (baseline.to(device, weights), x),
+        "baseline_channels_last": (
+            channels_last.to(device, weights),
+            x.contiguous(memory_format=torch.channels_last),
+        ),
+        "candidate": (ours.to(device, weights), x),
+    }
+    name = str(dtype).replace("torch.", "")
+    result = {
+        "dtype": f"{name} autocast" if args.autocast else name,
+        "forward_flops": conv_flops(baseline, x),
+    }
     for mode in ("inference", "train"):
         times = {name: [] for name in models}
         last = {}
         for i in range(args.warmup + args.rounds):
-            for name, model in models.items():
+            for name, (model, inputs) in models.items():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                seconds, out, grads = step(model, x, mode)
+                seconds, out, grads = step(model, inputs, mode, autocast_dtype)
                 if i >= args.warmup:
                     times[name].append(seconds)
                 last[name] = (out, grads)
@@ -154,8 +179,9 @@ def bench_dtype(args, device, dtype, progress) -> dict:
         result[f"{mode}_output_diff"] = largest_difference([out], [ref_out], dtype)
         if grads is not None:
             result["gradient_diff"] = largest_difference(grads, ref_grads, dtype)
-    for name, model in models.items():
-        result[f"{name}_saved_bytes"] = saved_bytes(model.train(), x)
+    for name, (model, inputs) in models.items():
+        with torch.autocast(device.type, autocast_dtype, enabled=args.autocast):
+            result[f"{name}_saved_bytes"] = saved_bytes(model.train(), inputs)
     if device.type == "cpu":
         result["conv_ceiling_flops_per_s"] = conv_ceiling(device, dtype)
     return result
@@ -167,6 +193,10 @@ def bench(args) -> dict:
         raise ValueError("--device cuda asked for, but no CUDA GPU is available")
     backend = _backend.resolve(args.backend, device, "conv_bn_relu")
     dtypes = [getattr(torch, name) for name in args.dtype]
+    if args.autocast:  # float32 runs as it is; autocast takes the low-precision dtypes
+        dtypes = [d for d in dtypes if d in (torch.bfloat16, torch.float16)]
+        if not dtypes:
+            raise ValueError("--autocast needs --dtype bfloat16 or float16")
     with tqdm(
         total=2 * (args.warmup + args.rounds) * len(dtypes),
         desc="bench rounds",
@@ -189,45 +219,53 @@ def bench(args) -> dict:
 
 def report(result) -> str:
     cfg = result["config"]
+    under = ", under torch.autocast" if cfg["autocast"] else ""
     lines = [
         f"unet-fast bench: UNet(3, 2, base_features={cfg['base_features']}, bilinear=False), input "
         f"{cfg['batch']}x3x{cfg['size']}x{cfg['size']} on {cfg['device']} ({cfg['threads']} "
         f"threads), torch {cfg['torch']}",
-        "  baseline:  the tutorial's UNet (unet_fast.reference.UNet, eager, NCHW)",
-        f"  candidate: unet_fast.UNet, backend {cfg['backend']}, same weights",
-        f"  medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up",
+        f"  NCHW: the tutorial's UNet (unet_fast.reference.UNet, eager, NCHW){under}",
+        f"  ch-last: the same in channels_last (model and input), as experts run it{under}",
+        f"  ours: unet_fast.UNet, backend {cfg['backend']}, same weights{under}",
+        f"  medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up; "
+        "ratios: ours vs NCHW, ours vs ch-last",
     ]
+    columns = ("baseline", "baseline_channels_last", "candidate")
+
+    def row(label, key, scale=1.0, digits=2, ratios=True):
+        values = [run.get(f"{name}_{key}") for name in columns]
+        if values[0] is None:
+            return None
+        text = f"  {label:28}" + "".join(f"{v / scale:10.{digits}f}" for v in values)
+        if ratios:
+            text += f"{values[2] / values[0]:8.2f}x{values[2] / values[1]:8.2f}x"
+        return text
+
     for run in result["runs"]:
-        lines += ["", f"  {run['dtype']:28}{'baseline':>12}{'candidate':>12}{'ratio':>9}"]
+        header = f"  {run['dtype']:28}{'NCHW':>10}{'ch-last':>10}{'ours':>10}"
+        lines += ["", header + f"{'vs NCHW':>9}{'vs ch-last':>11}"]
         for mode, name in (("inference", "inference"), ("train", "training step")):
-            b, o = run[f"baseline_{mode}_images_per_s"], run[f"candidate_{mode}_images_per_s"]
-            lines.append(f"  {name + ' images/s':28}{b:12.2f}{o:12.2f}{o / b:8.2f}x")
-            b, o = run[f"baseline_{mode}_flops_per_s"], run[f"candidate_{mode}_flops_per_s"]
-            line = f"  {name + ' GFLOP/s':28}{b / 1e9:12.1f}{o / 1e9:12.1f}"
+            lines.append(row(name + " images/s", f"{mode}_images_per_s"))
+            line = row(name + " GFLOP/s", f"{mode}_flops_per_s", 1e9, 1, ratios=False)
             if "conv_ceiling_flops_per_s" in run:
-                line += f"   ({o / run['conv_ceiling_flops_per_s']:.0%} of one large conv's)"
+                ours = run[f"candidate_{mode}_flops_per_s"]
+                line += f"   ({ours / run['conv_ceiling_flops_per_s']:.0%} of one large conv's)"
             lines.append(line)
-            if f"candidate_{mode}_peak_bytes" in run:
-                b, o = run[f"baseline_{mode}_peak_bytes"], run[f"candidate_{mode}_peak_bytes"]
-                lines.append(
-                    f"  {name + ' peak MiB':28}{b / 2**20:12.1f}{o / 2**20:12.1f}{o / b:8.2f}x"
-                )
-        b, o = run["baseline_saved_bytes"], run["candidate_saved_bytes"]
-        lines.append(
-            f"  {'saved for backward MiB':28}{b / 2**20:12.1f}{o / 2**20:12.1f}{o / b:8.2f}x"
-        )
+            peak = row(name + " peak MiB", f"{mode}_peak_bytes", 2**20, 1)
+            if peak:
+                lines.append(peak)
+        lines.append(row("saved for backward MiB", "saved_bytes", 2**20, 1))
         for key, name in (
             ("inference_output_diff", "inference output"),
             ("train_output_diff", "training output"),
             ("gradient_diff", "gradients"),
         ):
             diff, relative, ok = run[key]
-            flag = (
-                "ok" if ok else f"OUTSIDE TOLERANCE {TOLERANCE[getattr(torch, run['dtype'])]:.0e}"
-            )
+            tolerance = TOLERANCE[getattr(torch, run["dtype"].split()[0])]
+            flag = "ok" if ok else f"OUTSIDE TOLERANCE {tolerance:.0e}"
             lines.append(
-                f"  {'max |diff| ' + name:28}{'':12}{diff:12.1e}   ({relative:.1e} of the "
-                f"largest value, {flag})"
+                f"  {'max |diff| ' + name:28}{diff:10.1e}   ({relative:.1e} of the "
+                f"largest value, vs NCHW, {flag})"
             )
     if cfg["device"] == "cpu":
         lines.append(f"\n  peak RSS of this process: {result['peak_rss_mib']:.0f} MiB")
@@ -241,18 +279,24 @@ def plot(result, path: str) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    labels, base, ours = [], [], []
-    for run in result["runs"]:
-        for mode in ("inference", "train"):
-            labels.append(f"{run['dtype']}\n{mode}")
-            base.append(run[f"baseline_{mode}_images_per_s"])
-            ours.append(run[f"candidate_{mode}_images_per_s"])
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(labels), 4))
+    labels = [
+        f"{run['dtype']}\n{mode}" for run in result["runs"] for mode in ("inference", "train")
+    ]
+    bars = {
+        name: [
+            run[f"{name}_{mode}_images_per_s"]
+            for run in result["runs"]
+            for mode in ("inference", "train")
+        ]
+        for name in MODELS
+    }
+    fig, ax = plt.subplots(figsize=(2 + 2.0 * len(labels), 4))
     positions = range(len(labels))
-    ax.bar([p - 0.2 for p in positions], base, 0.4, label="tutorial UNet")
-    ax.bar([p + 0.2 for p in positions], ours, 0.4, label="unet_fast.UNet")
-    for p, b, o in zip(positions, base, ours):
-        ax.annotate(f"{o / b:.2f}x", (p + 0.2, o), ha="center", va="bottom")
+    legend = ("tutorial UNet (NCHW)", "tutorial UNet (channels_last)", "unet_fast.UNet")
+    for offset, name, label in zip((-0.27, 0, 0.27), MODELS, legend):
+        ax.bar([p + offset for p in positions], bars[name], 0.27, label=label)
+    for p, c, o in zip(positions, bars["baseline_channels_last"], bars["candidate"]):
+        ax.annotate(f"{o / c:.2f}x", (p + 0.27, o), ha="center", va="bottom")
     ax.set_xticks(list(positions), labels)
     ax.set_ylabel("images/s")
     cfg = result["config"]

@@ -27,6 +27,11 @@ def parser() -> argparse.ArgumentParser:
         default=["float32", "bfloat16"],
         choices=["float32", "bfloat16", "float16", "float64"],
     )
+    b.add_argument(
+        "--autocast",
+        action="store_true",
+        help="every model in float32 under torch.autocast to each --dtype (the drop-in case)",
+    )
     b.add_argument("--backend", default="auto", choices=_backend.NAMES)
     b.add_argument("--rounds", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)

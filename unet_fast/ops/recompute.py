@@ -73,9 +73,14 @@ class _JoinDoubleConv(torch.autograd.Function):
             return (None,) * (14 + len(recipe))
         joined = unet_fast.crop_concat(recompute(recipe), up, size)
         g = double_conv_backward(grad_out, joined, saved, (has_b1, has_b2), padding, True)
-        grad_skip, grad_up = unet_fast.crop_concat_backward(
-            g[0], skip_channels, skip_size, up.shape[-2:]
-        )
+        if skip_size == up.shape[-2:] == size:
+            # nothing was cropped or padded: views of the two channel slices, as torch.cat's
+            # backward gives (the consumers read strided input; a copy here is pure overhead)
+            grad_skip, grad_up = g[0].split([skip_channels, up.shape[1]], 1)
+        else:
+            grad_skip, grad_up = unet_fast.crop_concat_backward(
+                g[0], skip_channels, skip_size, up.shape[-2:]
+            )
         layer1 = (g[1], g[2] if has_b1 else None, g[3], g[4])
         layer2 = (g[5], g[6] if has_b2 else None, g[7], g[8])
         return (grad_skip, grad_up, *[None] * 4, *layer1, *layer2, *[None] * len(recipe))

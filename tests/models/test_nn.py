@@ -14,8 +14,9 @@ from tests.helpers import (
     assert_histories_close,
     training_history,
 )
-from unet_fast import reference
+from unet_fast import ops, reference
 from unet_fast.nn import CropConcat, FusedConvBNReLU, FusedDoubleConv
+from unet_fast.ops.conv_bias_relu import _frozen, frozen_entries
 
 
 def pair(cls, *args, dtype=torch.float64, **kw):
@@ -81,15 +82,16 @@ def test_autocast_eval_caches_folded_weights_per_dtype():
     fused, plain = pair(FusedConvBNReLU, 3, 4)
     fused, plain = fused.float().eval(), plain.float().eval()
     x = torch.randn(2, 3, 8, 8)
+    entries = frozen_entries(fused[0].weight)
     with torch.no_grad():
         fused(x)
         with torch.autocast("cpu", torch.bfloat16):
             got = fused(x)
-            cached = fused.folded[0].entries[torch.bfloat16][1][0]
+            cached = entries[torch.bfloat16][1][0]
             fused(x)
-            assert fused.folded[0].entries[torch.bfloat16][1][0] is cached  # not folded again
+            assert entries[torch.bfloat16][1][0] is cached  # not folded again
             want = plain(x)
-        assert set(fused.folded[0].entries) == {torch.float32, torch.bfloat16}
+        assert set(entries) == {torch.float32, torch.bfloat16}
         assert got.dtype == want.dtype == torch.bfloat16
         assert_bf16_within_rule([got], [want], [plain.double()(x.double())])
         plain.float()
@@ -97,8 +99,41 @@ def test_autocast_eval_caches_folded_weights_per_dtype():
             model[1].running_mean.add_(1.0)
         with torch.autocast("cpu", torch.bfloat16):
             assert fused(x).dtype == torch.bfloat16
-            assert fused.folded[0].entries[torch.bfloat16][1][0] is not cached
+            assert entries[torch.bfloat16][1][0] is not cached
             assert_bf16_within_rule([fused(x)], [plain(x)], [plain.double()(x.double())])
+
+
+def test_compiled_inference_keeps_the_folded_weights_and_sees_changes():
+    """torch.compile leaves the frozen op opaque: a compiled eval model folds once, refolds when a
+    statistic changes, and matches the plain model; a freed weight takes its entry with it."""
+    fused, plain = pair(FusedConvBNReLU, 3, 4)
+    fused, plain = fused.float().eval(), plain.float().eval()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    entries = frozen_entries(fused[0].weight)
+    with torch.no_grad():
+        assert_close(compiled(x), plain(x), torch.float32)
+        cached = entries[torch.float32][1][0]
+        compiled(x)
+        assert entries[torch.float32][1][0] is cached
+        for model in (fused, plain):
+            model[1].running_var.mul_(4.0)
+        assert_close(compiled(x), plain(x), torch.float32)
+        assert entries[torch.float32][1][0] is not cached
+    key = id(fused[0].weight)
+    assert key in _frozen
+    del fused, compiled, entries, cached
+    torch._dynamo.reset()
+    assert key not in _frozen
+
+
+def test_frozen_op_refuses_parameters_that_need_gradients():
+    fused, _ = pair(FusedConvBNReLU, 3, 4)
+    conv, bn = fused[0], fused[1]
+    x = torch.randn(2, 3, 8, 8, dtype=conv.weight.dtype)
+    args = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, 1e-5, 1)
+    with pytest.raises(ValueError, match="need gradients"):
+        ops.conv_bn_relu_frozen(x, *args)
 
 
 def test_momentum_none_is_a_cumulative_average_and_untracked_stats_work():

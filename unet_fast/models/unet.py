@@ -32,7 +32,6 @@ class FusedModel:
         fmt = torch._prims_common.suggest_memory_format(x)
         if (
             x.device.type == "cpu"
-            and not torch.compiler.is_compiling()
             and fmt != torch.channels_last
             and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference"
         ):

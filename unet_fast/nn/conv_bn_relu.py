@@ -1,9 +1,9 @@
 """FusedConvBNReLU and FusedDoubleConv: drop-in nn.Sequential(Conv2d, BatchNorm2d, ReLU[, ...]).
 
 They *are* those Sequentials (same children, parameters, buffers and state_dict keys), with a
-forward that runs the fused ops. Eval mode folds BatchNorm into the conv once and caches the folded
-weights until any conv/BN tensor changes (tracked by tensor versions), so train -> eval -> train
--> eval never uses stale weights.
+forward that runs the fused ops. Inference folds BatchNorm into the conv once and keeps the folded
+weights until any conv/BN tensor changes (ops.conv_bn_relu_frozen, tracked by tensor versions), so
+train -> eval -> train -> eval never uses stale weights.
 """
 
 from typing import Optional
@@ -13,7 +13,6 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _backend, ops
-from .._common import fold
 from ..ops import recompute
 from .sync_batch_norm import sync_batch_norm_relu
 
@@ -57,48 +56,7 @@ def batch_norm_mode(bn: nn.BatchNorm2d):
     return batch_stats, bn.running_mean if keep else None, bn.running_var if keep else None, factor
 
 
-def prepack(weight: torch.Tensor, x: torch.Tensor, padding: int) -> torch.Tensor:
-    """The weight in oneDNN's blocked layout for this input shape, so no convolution reorders it
-    again (that reorder dominates deep, small-spatial layers: 512 channels at 32x32 run 1.4x
-    faster prepacked). Weights of other devices and dtypes are returned as they are."""
-    if (
-        x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.bfloat16)
-        or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-    ):
-        return weight
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(
-        weight.to_mkldnn(), [padding] * 2, [1, 1], [1, 1], 1, list(x.shape)
-    )
-
-
-class FoldedWeights:
-    """Eval-mode conv weights with BatchNorm folded in (and prepacked for oneDNN), one entry per
-    compute dtype (float32, and the autocast dtype under autocast), each recomputed only when a
-    source tensor changes (identity, storage or version) or the input shape does."""
-
-    def __init__(self):
-        self.entries = {}  # dtype -> (key, (weight, bias))
-
-    def __call__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, prepacked: bool):
-        sources = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple(
-            None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
-            for t in sources
-        ) + (bn.eps, x.shape, x.device, prepacked)
-        cached = self.entries.get(x.dtype)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                weight, bias = fold(*sources, bn.eps, dtype=x.dtype)
-                value = (prepack(weight, x, conv.padding[0]) if prepacked else weight), bias
-            self.entries[x.dtype] = cached = key, value
-        return cached[1]
-
-    def __getstate__(self):  # pickling and deepcopy drop the cache; it is rebuilt on demand
-        return {"entries": {}}
-
-
-def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights, sync_group=None):
+def conv_bn_relu_forward(x, conv, bn, backend, sync_group=None):
     """One Conv -> BN -> ReLU through the fused ops, as nn.Sequential(conv, bn, relu) would;
     with a sync_group (see convert_sync_batchnorm), training statistics span its processes."""
     batch_stats, running_mean, running_var, momentum = batch_norm_mode(bn)
@@ -108,12 +66,10 @@ def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights, sync_group
             y, bn.weight, bn.bias, bn.eps, running_mean, running_var, momentum, sync_group
         )
     params = (conv.weight, conv.bias, bn.weight, bn.bias)
-    if (
-        batch_stats
-        or torch.compiler.is_compiling()
-        or (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params))
+    if batch_stats or (
+        torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
     ):
-        # training, tracing, or eval that trains parameters: fold (if at all) per call
+        # training, or eval that trains parameters: fold (if at all) per call
         return ops.conv_bn_relu(
             x,
             *params,
@@ -125,10 +81,9 @@ def conv_bn_relu_forward(x, conv, bn, backend, folded: FoldedWeights, sync_group
             conv.padding[0],
             backend=backend,
         )
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        x = x.to(torch.get_autocast_dtype(x.device.type))  # as autocast casts F.conv2d's input
-    prepacked = _backend.resolve(backend, x.device, "conv_bias_relu") == "cpu"
-    return ops.conv_bias_relu(x, *folded(conv, bn, x, prepacked), conv.padding[0], backend=backend)
+    return ops.conv_bn_relu_frozen(
+        x, *params, running_mean, running_var, bn.eps, conv.padding[0], backend=backend
+    )
 
 
 def runs(modules) -> list:
@@ -150,7 +105,7 @@ class FusedSequential(nn.Sequential):
     def __init__(self, *modules: nn.Module, backend: str = "auto"):
         super().__init__(*modules)
         self.backend = backend
-        self.folded = {start: FoldedWeights() for start in runs(list(self))}
+        self.fused_runs = runs(list(self))
 
     @classmethod
     def from_modules(cls, *modules: nn.Module, backend: str = "auto"):
@@ -168,13 +123,12 @@ class FusedSequential(nn.Sequential):
             return super().forward(x)
         children, i = list(self), 0
         while i < len(children):
-            if i in self.folded:
+            if i in self.fused_runs:
                 x = conv_bn_relu_forward(
                     x,
                     children[i],
                     children[i + 1],
                     self.backend,
-                    self.folded[i],
                     getattr(self, "sync_group", None),
                 )
                 i += 3
@@ -205,7 +159,7 @@ class FusedConvBNReLU(FusedSequential):
         )
 
     def check(self):
-        if len(self) != 3 or list(self.folded) != [0]:
+        if len(self) != 3 or self.fused_runs != [0]:
             raise ValueError(
                 f"cannot fuse {list(self)}: needs a stride-1, ungrouped, zero-padded "
                 "Conv2d feeding a BatchNorm2d of its width, then a ReLU"
@@ -240,7 +194,7 @@ class FusedDoubleConv(FusedSequential):
         )
 
     def check(self):
-        if len(self) != 6 or list(self.folded) != [0, 3] or self[0].padding != self[3].padding:
+        if len(self) != 6 or self.fused_runs != [0, 3] or self[0].padding != self[3].padding:
             raise ValueError(
                 "cannot fuse: needs two stride-1, ungrouped, equally zero-padded "
                 "Conv2d -> BatchNorm2d -> ReLU runs"

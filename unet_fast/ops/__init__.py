@@ -1,7 +1,7 @@
 """The fused ops: validate inputs, then dispatch to the chosen backend's kernel."""
 
 from .._common import fold
-from .conv_bias_relu import conv_bias_relu
+from .conv_bias_relu import conv_bias_relu, conv_bn_relu_frozen
 from .conv_bias_relu import triton_kernels as _triton_conv_bias_relu
 from .conv_bn_relu import batch_norm_relu, conv_bn_relu, double_conv
 from .conv_bn_relu import triton_kernels as _triton_conv_bn_relu
@@ -12,6 +12,7 @@ __all__ = [
     "batch_norm_relu",
     "conv_bias_relu",
     "conv_bn_relu",
+    "conv_bn_relu_frozen",
     "crop_concat",
     "double_conv",
     "fold",

@@ -4,7 +4,7 @@ pytest-benchmark runs each case's rounds back to back; on a shared 2-core machin
 between cases, so the ratios quoted in notes come from here: every round times the fused and the
 reference version one after the other, and the ratio is of the medians.
 
-    python benchmarks/interleaved.py [--rounds 15] [--unet | --autocast]
+    python benchmarks/interleaved.py [--rounds 15] [--only norm] [--unet | --autocast]
 """
 
 import argparse
@@ -14,6 +14,7 @@ import time
 import bench_conv_bias_relu as eval_cases
 import bench_conv_bn_relu as conv_cases
 import bench_crop_concat as crop_cases
+import bench_norm_act as norm_cases
 import bench_unet
 import torch
 
@@ -69,6 +70,7 @@ def main():
         action="store_true",
         help="a training step in float32 vs under bfloat16 autocast instead",
     )
+    parser.add_argument("--only", default="", help="op suites whose title contains this text")
     args = parser.parse_args()
     if args.unet:
         return unet_ratios(args.rounds)
@@ -84,12 +86,17 @@ def main():
         ("double_conv eval", eval_cases.test_double_conv_eval, conv_cases.CASES),
         ("double_conv train step", conv_cases.test_double_conv_training, conv_cases.CASES),
         ("crop_concat forward", crop_cases.test_crop_concat_forward, crop_cases.CASES),
+        ("norm+LeakyReLU fwd+bwd", norm_cases.test_norm_act_forward_backward, norm_cases.CASES),
     ]
     for title, test, cases in suites:
+        if args.only not in title:
+            continue
         for case in cases:
             for layout in ("nchw", "nhwc"):
                 params = {"case": case, "device": "cpu"}
-                if test is crop_cases.test_crop_concat_forward:
+                if test is norm_cases.test_norm_act_forward_backward:
+                    params = {"case": case, "layout": layout}
+                elif test is crop_cases.test_crop_concat_forward:
                     params["channels_last"] = layout == "nhwc"
                 elif test is eval_cases.test_double_conv_eval:
                     params.update(layout=layout, autocast=False)
@@ -97,7 +104,10 @@ def main():
                     params["layout"] = layout
                 fns, info = case_fns(test, **params)
                 t = interleaved(fns, args.rounds)
-                line = f"{title:24} {case:18} {layout}: {t['reference'] / t['fused']:5.2f}x"
+                line = (
+                    f"{title:24} {case:20} {layout}: {t['reference'] / t['fused']:5.2f}x "
+                    f"({t['reference'] * 1e3:.1f} ms / {t['fused'] * 1e3:.1f} ms)"
+                )
                 if "saved_bytes" in info["fused"]:
                     ratio = info["fused"]["saved_bytes"] / info["reference"]["saved_bytes"]
                     line += f"   saved-for-backward bytes {ratio:.3f}x"

@@ -72,4 +72,19 @@ TORCH_LIBRARY(unet_fast, m) {
       "bool has_bias2, Tensor y2, Tensor? bn_weight2, Tensor? bn_bias2, Tensor mean2, "
       "Tensor invstd2, int padding, bool input_grad) -> Tensor[]",
       kExactStrides);
+
+  // Norm + activation on a 4-D or 5-D activation with batch statistics: groups 0 is BatchNorm
+  // (statistics per channel), groups G > 0 GroupNorm (per sample and group; InstanceNorm is
+  // G = C); act is relu, leaky_relu (negative slope `slope`) or identity. Returns the output,
+  // mean, 1/sqrt(var + eps) and unbiased variance per unit ((C,) or (N, G), float32; float64
+  // for float64 input). Functional: the caller updates running statistics.
+  m.def(
+      "norm_act(Tensor y, int groups, Tensor? weight, Tensor? bias, float eps, str act, "
+      "float slope) -> (Tensor, Tensor, Tensor, Tensor)",
+      kExactStrides);
+  // (grad_y, grad_weight, grad_bias) of norm_act; the activation's mask is recomputed from y.
+  m.def(
+      "norm_act_backward(Tensor grad_out, Tensor y, int groups, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor invstd, str act, float slope) -> (Tensor, Tensor, Tensor)",
+      kExactStrides);
 }

@@ -14,13 +14,15 @@ from unet_fast import _backend
 def test_cpu_extension_is_built_and_registered():
     info = unet_fast.backends()
     assert info["extension"] == "built"
-    assert info["kernels"]["cpu"] == ["conv_bias_relu", "conv_bn_relu", "crop_concat"]
+    assert info["kernels"]["cpu"] == ["conv_bias_relu", "conv_bn_relu", "crop_concat", "norm_act"]
     assert info["default"]["cpu"] == {
         "crop_concat": "cpu",
         "conv_bn_relu": "cpu",
         "conv_bias_relu": "cpu",
+        "norm_act": "cpu",
     }
-    for kernel in ("crop_concat", "batch_norm_relu", "batch_norm_relu_backward", "conv_bias_relu"):
+    kernels = ("crop_concat", "batch_norm_relu", "batch_norm_relu_backward", "conv_bias_relu")
+    for kernel in (*kernels, "norm_act", "norm_act_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CPU")
 
 

@@ -87,3 +87,20 @@ def test_bench_autocast_times_the_drop_in_case_against_both_layouts(tmp_path, ca
     assert run["gradient_diff"][2] and run["inference_output_diff"][2]  # within tolerance
     assert cli.main([*args, "--quiet", "--autocast", "--dtype", "float32"]) == 2
     assert "--autocast needs --dtype bfloat16 or float16" in capsys.readouterr().err
+
+
+def test_bench_compile_times_compiled_tutorial_and_ours(tmp_path, capsys):
+    path, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "--size", "32", "--base-features", "4", "--rounds", "1", "--warmup", "1"]
+    argv = [*args, "--dtype", "float32", "--compile", "default", "--quiet"]
+    assert cli.main([*argv, "--json", str(path), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "c-tut" in text and "c-ours" in text and "vs c-tut" in text
+    (run,) = json.loads(path.read_text())["runs"]
+    for name in ("baseline_compiled_default", "candidate_compiled_default"):
+        for mode in ("inference", "train"):
+            assert run[f"{name}_{mode}_images_per_s"] > 0
+        assert run[f"{name}_saved_bytes"] > 0
+    for key in ("inference_output_diff", "train_output_diff", "gradient_diff"):
+        assert run[f"{key}_compiled_default"][2]  # compiled ours within tolerance
+    assert png.stat().st_size > 0

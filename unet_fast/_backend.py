@@ -23,6 +23,7 @@ REQUIRES = {
         "double_conv",
     ),
     "conv_bias_relu": ("conv_bias_relu",),
+    "norm_act": ("norm_act", "norm_act_backward"),
 }
 
 try:
@@ -103,7 +104,7 @@ def backends() -> dict:
     """What was built and which backend each op uses by default on each device.
 
     >>> unet_fast.backends()["default"]["cpu"]
-    {'crop_concat': 'cpu', 'conv_bn_relu': 'cpu', 'conv_bias_relu': 'cpu'}
+    {'crop_concat': 'cpu', 'conv_bn_relu': 'cpu', 'conv_bias_relu': 'cpu', 'norm_act': 'cpu'}
     """
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {

@@ -127,9 +127,18 @@ def largest_difference(got, want, dtype):
     return diff, diff / scale, diff / scale <= TOLERANCE[dtype]
 
 
-# The models timed: the tutorial as written (NCHW), the tutorial as experts run it
-# (channels_last), and unet_fast's, all with the same weights.
-MODELS = ("baseline", "baseline_channels_last", "candidate")
+def columns(compile_modes) -> list:
+    """(key, header) of every model timed, in report order: the tutorial as written (NCHW), the
+    tutorial as experts run it (channels_last), unet_fast's, all with the same weights; with
+    --compile, torch.compile of the tutorial in channels_last and of ours, per mode."""
+    names = [("baseline", "NCHW"), ("baseline_channels_last", "ch-last"), ("candidate", "ours")]
+    for mode in compile_modes:
+        short = {"default": "", "max-autotune": " ma", "reduce-overhead": " ro"}.get(mode, mode)
+        names += [
+            (f"baseline_compiled_{mode}", f"c-tut{short}"),
+            (f"candidate_compiled_{mode}", f"c-ours{short}"),
+        ]
+    return names
 
 
 def bench_dtype(args, device, dtype, progress) -> dict:
@@ -142,15 +151,19 @@ def bench_dtype(args, device, dtype, progress) -> dict:
     weights = torch.float32 if args.autocast else dtype
     autocast_dtype = dtype if args.autocast else None
     x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=weights)
+    x_channels_last = x.contiguous(memory_format=torch.channels_last)
     channels_last = copy.deepcopy(baseline).to(memory_format=torch.channels_last)
     models = {
         "baseline": (baseline.to(device, weights), x),
-        "baseline_channels_last": (
-            channels_last.to(device, weights),
-            x.contiguous(memory_format=torch.channels_last),
-        ),
+        "baseline_channels_last": (channels_last.to(device, weights), x_channels_last),
         "candidate": (ours.to(device, weights), x),
     }
+    for mode in args.compile:
+        models[f"baseline_compiled_{mode}"] = (
+            torch.compile(copy.deepcopy(channels_last), mode=mode),
+            x_channels_last,
+        )
+        models[f"candidate_compiled_{mode}"] = (torch.compile(copy.deepcopy(ours), mode=mode), x)
     name = str(dtype).replace("torch.", "")
     result = {
         "dtype": f"{name} autocast" if args.autocast else name,
@@ -175,10 +188,13 @@ def bench_dtype(args, device, dtype, progress) -> dict:
             seconds = statistics.median(times[name])
             result[f"{name}_{mode}_images_per_s"] = args.batch / seconds
             result[f"{name}_{mode}_flops_per_s"] = flops / seconds
-        (out, grads), (ref_out, ref_grads) = last["candidate"], last["baseline"]
-        result[f"{mode}_output_diff"] = largest_difference([out], [ref_out], dtype)
-        if grads is not None:
-            result["gradient_diff"] = largest_difference(grads, ref_grads, dtype)
+        ref_out, ref_grads = last["baseline"]
+        for name in (n for n in models if n.startswith("candidate")):
+            out, grads = last[name]
+            suffix = name[len("candidate") :]
+            result[f"{mode}_output_diff{suffix}"] = largest_difference([out], [ref_out], dtype)
+            if grads is not None:
+                result[f"gradient_diff{suffix}"] = largest_difference(grads, ref_grads, dtype)
     for name, (model, inputs) in models.items():
         with torch.autocast(device.type, autocast_dtype, enabled=args.autocast):
             result[f"{name}_saved_bytes"] = saved_bytes(model.train(), inputs)
@@ -227,26 +243,46 @@ def report(result) -> str:
         f"  NCHW: the tutorial's UNet (unet_fast.reference.UNet, eager, NCHW){under}",
         f"  ch-last: the same in channels_last (model and input), as experts run it{under}",
         f"  ours: unet_fast.UNet, backend {cfg['backend']}, same weights{under}",
-        f"  medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up; "
-        "ratios: ours vs NCHW, ours vs ch-last",
     ]
-    columns = ("baseline", "baseline_channels_last", "candidate")
+    if cfg["compile"]:
+        lines.append(
+            "  c-tut / c-ours: torch.compile of ch-last / of ours (ma: mode max-autotune, ro: "
+            "reduce-overhead)"
+        )
+    lines.append(
+        f"  medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up; "
+        "ratios: ours vs NCHW, ours vs ch-last"
+        + (", compiled ours vs compiled tutorial per mode" if cfg["compile"] else "")
+    )
+    models = columns(cfg["compile"])
+    ratios = [
+        ("candidate", "baseline", "vs NCHW"),
+        ("candidate", "baseline_channels_last", "vs ch-last"),
+    ]
+    ratios += [
+        (
+            f"candidate_compiled_{mode}",
+            f"baseline_compiled_{mode}",
+            "vs c-tut" + header[len("c-ours") :],
+        )
+        for mode, (_, header) in zip(cfg["compile"], models[4::2])
+    ]
 
-    def row(label, key, scale=1.0, digits=2, ratios=True):
-        values = [run.get(f"{name}_{key}") for name in columns]
-        if values[0] is None:
+    def row(label, key, scale=1.0, digits=2, with_ratios=True):
+        values = {name: run.get(f"{name}_{key}") for name, _ in models}
+        if values["baseline"] is None:
             return None
-        text = f"  {label:28}" + "".join(f"{v / scale:10.{digits}f}" for v in values)
-        if ratios:
-            text += f"{values[2] / values[0]:8.2f}x{values[2] / values[1]:8.2f}x"
+        text = f"  {label:28}" + "".join(f"{v / scale:10.{digits}f}" for v in values.values())
+        if with_ratios:
+            text += "".join(f"{values[a] / values[b]:11.2f}x" for a, b, _ in ratios)
         return text
 
     for run in result["runs"]:
-        header = f"  {run['dtype']:28}{'NCHW':>10}{'ch-last':>10}{'ours':>10}"
-        lines += ["", header + f"{'vs NCHW':>9}{'vs ch-last':>11}"]
+        header = f"  {run['dtype']:28}" + "".join(f"{h:>10}" for _, h in models)
+        lines += ["", header + "".join(f"{h:>12}" for *_, h in ratios)]
         for mode, name in (("inference", "inference"), ("train", "training step")):
             lines.append(row(name + " images/s", f"{mode}_images_per_s"))
-            line = row(name + " GFLOP/s", f"{mode}_flops_per_s", 1e9, 1, ratios=False)
+            line = row(name + " GFLOP/s", f"{mode}_flops_per_s", 1e9, 1, with_ratios=False)
             if "conv_ceiling_flops_per_s" in run:
                 ours = run[f"candidate_{mode}_flops_per_s"]
                 line += f"   ({ours / run['conv_ceiling_flops_per_s']:.0%} of one large conv's)"
@@ -255,52 +291,60 @@ def report(result) -> str:
             if peak:
                 lines.append(peak)
         lines.append(row("saved for backward MiB", "saved_bytes", 2**20, 1))
-        for key, name in (
-            ("inference_output_diff", "inference output"),
-            ("train_output_diff", "training output"),
-            ("gradient_diff", "gradients"),
-        ):
-            diff, relative, ok = run[key]
-            tolerance = TOLERANCE[getattr(torch, run["dtype"].split()[0])]
-            flag = "ok" if ok else f"OUTSIDE TOLERANCE {tolerance:.0e}"
-            lines.append(
-                f"  {'max |diff| ' + name:28}{diff:10.1e}   ({relative:.1e} of the "
-                f"largest value, vs NCHW, {flag})"
-            )
+        tolerance = TOLERANCE[getattr(torch, run["dtype"].split()[0])]
+        for name, header in models:
+            if not name.startswith("candidate"):
+                continue
+            suffix = name[len("candidate") :]
+            for key, what in (
+                ("inference_output_diff", "inference output"),
+                ("train_output_diff", "training output"),
+                ("gradient_diff", "gradients"),
+            ):
+                diff, relative, ok = run[key + suffix]
+                flag = "ok" if ok else f"OUTSIDE TOLERANCE {tolerance:.0e}"
+                label = f"max |diff| {what}" + (f", {header}" if suffix else "")
+                lines.append(
+                    f"  {label:40}{diff:10.1e}   ({relative:.1e} of the largest value, vs NCHW, "
+                    f"{flag})"
+                )
     if cfg["device"] == "cpu":
         lines.append(f"\n  peak RSS of this process: {result['peak_rss_mib']:.0f} MiB")
     return "\n".join(lines)
 
 
 def plot(result, path: str) -> None:
-    """A bar chart of images/s, baseline and candidate, per dtype and mode."""
+    """A bar chart of images/s of every model timed, per dtype and mode."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    cfg = result["config"]
+    models = columns(cfg["compile"])
     labels = [
         f"{run['dtype']}\n{mode}" for run in result["runs"] for mode in ("inference", "train")
     ]
-    bars = {
-        name: [
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(2 + (1 + len(models) / 2) * len(labels), 4))
+    for i, (name, header) in enumerate(models):
+        bars = [
             run[f"{name}_{mode}_images_per_s"]
             for run in result["runs"]
             for mode in ("inference", "train")
         ]
-        for name in MODELS
-    }
-    fig, ax = plt.subplots(figsize=(2 + 2.0 * len(labels), 4))
-    positions = range(len(labels))
-    legend = ("tutorial UNet (NCHW)", "tutorial UNet (channels_last)", "unet_fast.UNet")
-    for offset, name, label in zip((-0.27, 0, 0.27), MODELS, legend):
-        ax.bar([p + offset for p in positions], bars[name], 0.27, label=label)
-    for p, c, o in zip(positions, bars["baseline_channels_last"], bars["candidate"]):
-        ax.annotate(f"{o / c:.2f}x", (p + 0.27, o), ha="center", va="bottom")
-    ax.set_xticks(list(positions), labels)
+        ax.bar(
+            [p + (i - (len(models) - 1) / 2) * width for p in range(len(labels))],
+            bars,
+            width,
+            label=header,
+        )
+    ax.set_xticks(list(range(len(labels))), labels)
     ax.set_ylabel("images/s")
-    cfg = result["config"]
-    ax.set_title(f"UNet(3, 2) {cfg['batch']}x3x{cfg['size']}² on {cfg['device']}")
+    ax.set_title(
+        f"UNet(3, 2) {cfg['batch']}x3x{cfg['size']}² on {cfg['device']} "
+        "(NCHW, ch-last: the tutorial's; ours: unet_fast.UNet; c-: torch.compile)"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

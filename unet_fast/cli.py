@@ -33,6 +33,14 @@ def parser() -> argparse.ArgumentParser:
         help="every model in float32 under torch.autocast to each --dtype (the drop-in case)",
     )
     b.add_argument("--backend", default="auto", choices=_backend.NAMES)
+    b.add_argument(
+        "--compile",
+        nargs="+",
+        default=[],
+        metavar="MODE",
+        choices=["default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"],
+        help="also time torch.compile of the tutorial (channels_last) and of ours in each mode",
+    )
     b.add_argument("--rounds", type=int, default=5)
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")

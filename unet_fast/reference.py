@@ -89,6 +89,38 @@ def double_conv(
     )
 
 
+def norm_act(
+    y,
+    norm: str,
+    groups: Optional[int],
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training: bool,
+    momentum: float,
+    eps: float,
+    act: str,
+    negative_slope: float,
+):
+    """act(norm(y)) for a 4-D or 5-D y: norm "batch" | "instance" | "group" (`groups` groups) |
+    "none", act "relu" | "leaky_relu" (`negative_slope`) | "identity". Batch and instance norm
+    use batch statistics when training or without running statistics, and then update the
+    running statistics in place."""
+    if norm == "batch":
+        y = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
+    elif norm == "instance":
+        batch_stats = training or running_mean is None
+        y = F.instance_norm(y, running_mean, running_var, weight, bias, batch_stats, momentum, eps)
+    elif norm == "group":
+        y = F.group_norm(y, groups, weight, bias, eps)
+    if act == "relu":
+        return F.relu(y)
+    if act == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    return y
+
+
 def fit(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Centre-crop (if larger) or zero-pad (if smaller) x's last two dims to `size`.
 

@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <array>
+#include <cmath>
 #include <vector>
 
 namespace unet_fast::cpu {
@@ -209,6 +210,38 @@ std::pair<std::vector<double>, std::vector<double>> channelwise_sums(
     }
   }
   return {sum_a, sum_b};
+}
+
+// (y - k, (y - k)^2) with k a per-channel shift (the first value of the statistics' unit), for
+// channelwise_sums as both its vector and scalar op: shifted sums keep the variance exact when
+// the mean is large compared to the spread (no cancellation in E[y^2] - E[y]^2).
+template <typename scalar_t>
+struct ShiftedMoments {
+  using A = at::opmath_type<scalar_t>;
+  using V = typename Io<scalar_t>::Vec;
+  std::pair<V, V> operator()(V v, V, const std::array<V, 1>& k) const {
+    const V d = v - k[0];
+    return {d, d * d};
+  }
+  std::pair<A, A> operator()(A v, A, const std::array<A, 1>& k) const {
+    const A d = v - k[0];
+    return {d, d * d};
+  }
+};
+
+// Mean, 1/sqrt(var + eps) and the unbiased variance (NaN for a single value) of `units`
+// statistics from ShiftedMoments sums over `count` values each.
+template <typename A>
+void finish_moments(const std::vector<double>& sum, const std::vector<double>& sum_sq,
+                    const A* shift, int64_t units, int64_t count, double eps, A* mean, A* invstd,
+                    A* unbiased_var) {
+  for (int64_t u = 0; u < units; ++u) {
+    const double shifted_mean = sum[u] / count;
+    const double var = std::max(sum_sq[u] / count - shifted_mean * shifted_mean, 0.0);
+    mean[u] = static_cast<A>(shift[u] + shifted_mean);
+    invstd[u] = static_cast<A>(1.0 / std::sqrt(var + eps));
+    unbiased_var[u] = static_cast<A>(count > 1 ? var * count / (count - 1) : NAN);
+  }
 }
 
 }  // namespace unet_fast::cpu

@@ -106,33 +106,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
   at::Tensor unbiased_var = at::zeros_like(mean);
   if (count == 0) return {at::empty_like(y, format), mean, invstd, unbiased_var};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu", [&] {
-    using V = Vec<scalar_t>;
     using A = acc<scalar_t>;
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    // Sums of (y - shift) with a per-channel shift (the channel's first value) keep the variance
-    // exact when the mean is large compared to the spread.
+    // each channel's first value shifts its sums (cpu::ShiftedMoments)
     std::vector<A> first(s.C);
     for (int64_t c = 0; c < s.C; ++c) first[c] = static_cast<A>(yp[s.nhwc ? c : c * s.HW]);
-    auto [sum, sum_sq] = cpu::channelwise_sums<scalar_t, 1>(
-        yp, nullptr, s, {first.data()},
-        [](V v, V, const std::array<V, 1>& k) {
-          V d = v - k[0];
-          return std::pair{d, d * d};
-        },
-        [](A v, A, const std::array<A, 1>& k) {
-          A d = v - k[0];
-          return std::pair{d, d * d};
-        });
-    A* m = mean.data_ptr<A>();
-    A* is = invstd.data_ptr<A>();
-    A* uv = unbiased_var.data_ptr<A>();
-    for (int64_t c = 0; c < s.C; ++c) {
-      const double shifted_mean = sum[c] / count;
-      const double var = std::max(sum_sq[c] / count - shifted_mean * shifted_mean, 0.0);
-      m[c] = static_cast<A>(first[c] + shifted_mean);
-      is[c] = static_cast<A>(1.0 / std::sqrt(var + eps));
-      uv[c] = static_cast<A>(var * count / (count - 1));
-    }
+    const cpu::ShiftedMoments<scalar_t> moments;
+    auto [sum, sum_sq] =
+        cpu::channelwise_sums<scalar_t, 1>(yp, nullptr, s, {first.data()}, moments, moments);
+    cpu::finish_moments<A>(sum, sum_sq, first.data(), s.C, count, eps, mean.data_ptr<A>(),
+                           invstd.data_ptr<A>(), unbiased_var.data_ptr<A>());
   });
   auto [scale, shift] = affine(mean, invstd, weight, bias);
   return {apply(y, format, scale, shift), mean, invstd, unbiased_var};

@@ -7,6 +7,7 @@ from .conv_bn_relu import batch_norm_relu, conv_bn_relu, double_conv
 from .conv_bn_relu import triton_kernels as _triton_conv_bn_relu
 from .crop_concat import crop_concat
 from .crop_concat import triton_kernels as _triton_crop_concat
+from .norm_act import norm_act
 
 __all__ = [
     "batch_norm_relu",
@@ -17,6 +18,7 @@ __all__ = [
     "double_conv",
     "fold",
     "load_triton",
+    "norm_act",
 ]
 
 

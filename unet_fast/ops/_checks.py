@@ -39,6 +39,16 @@ def check_size(op: str, size) -> tuple:
 Tensor = torch.Tensor
 
 
+def check_channel_vectors(op: str, channels: int, device, **tensors) -> None:
+    """Per-channel parameters and statistics (None where absent) of shape (channels,) on device."""
+    for name, t in tensors.items():
+        if t is not None and (t.shape != (channels,) or t.device != device):
+            raise ValueError(
+                f"{op}: {name} must have shape ({channels},) on {device}, "
+                f"got {tuple(t.shape)} on {t.device}"
+            )
+
+
 def check_conv(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, padding, training):
     check_tensors("conv_bn_relu", x=x)
     if not isinstance(weight, Tensor) or weight.dim() != 4:
@@ -59,18 +69,16 @@ def check_conv(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, p
     if not isinstance(padding, int) or padding < 0:
         raise ValueError(f"conv_bn_relu: padding must be a non-negative int, got {padding!r}")
     c_out = weight.shape[0]
-    for name, t in (
-        ("bias", bias),
-        ("bn_weight", bn_weight),
-        ("bn_bias", bn_bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        if t is not None and (t.shape != (c_out,) or t.device != x.device):
-            raise ValueError(
-                f"conv_bn_relu: {name} must have shape ({c_out},) on {x.device}, "
-                f"got {tuple(t.shape)} on {t.device}"
-            )
+    check_channel_vectors(
+        "conv_bn_relu",
+        c_out,
+        x.device,
+        bias=bias,
+        bn_weight=bn_weight,
+        bn_bias=bn_bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
     h, w = (x.shape[i] + 2 * padding - weight.shape[i] + 1 for i in (2, 3))
     if h <= 0 or w <= 0:
         raise ValueError(

@@ -1,0 +1,311 @@
+// Norm + activation on the CPU, fused, for 2-D and 3-D activations in channels-first or
+// channels-last layout: BatchNorm (statistics per channel over the batch) or GroupNorm
+// (statistics per sample and group of channels; InstanceNorm is one channel per group), then
+// ReLU, LeakyReLU or nothing. Forward = one statistics pass and one normalise+activate pass;
+// backward = one reduction pass and one gradient pass, the activation's mask recomputed from y.
+//
+// Every pass works on (sample, channel) planes: per-plane sums are reduced to the statistics'
+// units (a channel for BatchNorm, a (sample, group) for GroupNorm), and per-plane coefficients
+// are spread back from them, so one code path serves every norm.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+
+#include "cpu/channelwise.h"
+
+namespace unet_fast {
+namespace {
+
+using cpu::Io;
+using cpu::Shape;
+using Optional = std::optional<at::Tensor>;
+
+template <typename scalar_t>
+using Vec = typename Io<scalar_t>::Vec;
+template <typename scalar_t>
+using acc = at::opmath_type<scalar_t>;
+
+enum class Act { kRelu, kLeakyRelu, kIdentity };
+
+Act parse_act(const std::string& act) {
+  if (act == "relu") return Act::kRelu;
+  if (act == "leaky_relu") return Act::kLeakyRelu;
+  if (act == "identity") return Act::kIdentity;
+  TORCH_CHECK(false, "norm_act: act must be relu, leaky_relu or identity, got ", act);
+}
+
+// The layout of an (N, C, *spatial) activation and its statistics' units.
+struct Layout {
+  int64_t N, C, S;  // S: the spatial size (H*W or D*H*W)
+  bool channels_last;
+  int64_t groups;  // 0: BatchNorm; otherwise GroupNorm groups per sample
+  int64_t units() const { return groups ? N * groups : C; }
+  int64_t unit_of(int64_t n, int64_t c) const { return groups ? n * groups + c / (C / groups) : c; }
+  int64_t count() const { return groups ? (C / groups) * S : N * S; }  // values per unit
+};
+
+Layout layout_of(const char* op, const at::Tensor& y, int64_t groups) {
+  TORCH_CHECK(y.dim() == 4 || y.dim() == 5, op,
+              ": expected a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got shape ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble ||
+                  y.scalar_type() == at::kBFloat16,
+              op, ": expected float32, float64 or bfloat16 on the CPU, got ", y.scalar_type());
+  const int64_t C = y.size(1);
+  TORCH_CHECK(groups >= 0 && (groups == 0 || (C > 0 && C % groups == 0)), op, ": ", C,
+              " channels cannot be split into ", groups, " groups");
+  const auto format = y.suggest_memory_format();
+  return {y.size(0), C, y.numel() / std::max<int64_t>(y.size(0) * C, 1),
+          format == at::MemoryFormat::ChannelsLast || format == at::MemoryFormat::ChannelsLast3d,
+          groups};
+}
+
+at::MemoryFormat format_of(const at::Tensor& y) { return y.suggest_memory_format(); }
+
+// Runs fn(shape, offset into the data, offset into per-plane arrays) over the planes: one call
+// for channels-first data (every plane a channel of a 1-sample tensor), one per sample for
+// channels-last data (rows of C channels).
+template <typename Fn>
+void for_planes(const Layout& l, Fn fn) {
+  if (!l.channels_last) return fn(Shape{1, l.N * l.C, l.S, false}, 0, 0);
+  for (int64_t n = 0; n < l.N; ++n) fn(Shape{1, l.C, l.S, true}, n * l.S * l.C, n * l.C);
+}
+
+// Per-plane coefficient arrays from per-channel and per-unit values.
+template <typename A>
+std::vector<A> per_plane(const Layout& l, const std::function<A(int64_t n, int64_t c)>& value) {
+  std::vector<A> out(l.N * l.C);
+  for (int64_t n = 0; n < l.N; ++n)
+    for (int64_t c = 0; c < l.C; ++c) out[n * l.C + c] = value(n, c);
+  return out;
+}
+
+// Per-plane sums of op(y, dy, coefficients), reduced to units.
+template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
+std::pair<std::vector<double>, std::vector<double>> unit_sums(
+    const Layout& l, const scalar_t* y, const scalar_t* dy,
+    const std::array<const acc<scalar_t>*, K>& coef, VecOp vop, ScalarOp sop) {
+  std::vector<double> a(l.units(), 0.0), b(l.units(), 0.0);
+  for_planes(l, [&](Shape s, int64_t offset, int64_t plane) {
+    std::array<const acc<scalar_t>*, K> shifted;
+    for (size_t k = 0; k < K; ++k) shifted[k] = coef[k] + plane;
+    auto [sum_a, sum_b] = cpu::channelwise_sums<scalar_t, K>(y + offset, dy ? dy + offset : nullptr,
+                                                             s, shifted, vop, sop);
+    for (int64_t i = 0; i < s.C; ++i) {
+      const int64_t n = (plane + i) / l.C, c = (plane + i) % l.C;
+      a[l.unit_of(n, c)] += sum_a[i];
+      b[l.unit_of(n, c)] += sum_b[i];
+    }
+  });
+  return {a, b};
+}
+
+template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
+void plane_map(const Layout& l, scalar_t* out, const scalar_t* y, const scalar_t* dy,
+               const std::array<const acc<scalar_t>*, K>& coef, VecOp vop, ScalarOp sop) {
+  for_planes(l, [&](Shape s, int64_t offset, int64_t plane) {
+    std::array<const acc<scalar_t>*, K> shifted;
+    for (size_t k = 0; k < K; ++k) shifted[k] = coef[k] + plane;
+    cpu::channelwise_map<scalar_t, K>(out + offset, y + offset, dy ? dy + offset : nullptr, s,
+                                      shifted, vop, sop);
+  });
+}
+
+// The activation of a = y * scale + shift, and its mask applied to d: F.relu's (the gradient
+// passes unless a <= 0, so NaN passes it) and F.leaky_relu's (a > 0 ? d : d * slope).
+template <typename T>
+T activate(Act act, T a, T slope) {
+  if (act == Act::kIdentity) return a;
+  if (act == Act::kRelu) return (a > 0 || std::isnan(a)) ? a : T(0);
+  return a > 0 ? a : a * slope;
+}
+template <typename V>
+V activate_vec(Act act, V a, V slope) {
+  if (act == Act::kIdentity) return a;
+  if (act == Act::kRelu) return at::vec::maximum(a, V(0));  // maximum propagates NaN
+  return V::blendv(a * slope, a, a > V(0));
+}
+template <typename T>
+T mask(Act act, T a, T d, T slope) {
+  if (act == Act::kIdentity) return d;
+  if (act == Act::kRelu) return a <= 0 ? T(0) : d;
+  return a > 0 ? d : d * slope;
+}
+template <typename V>
+V mask_vec(Act act, V a, V d, V slope) {
+  if (act == Act::kIdentity) return d;
+  if (act == Act::kRelu) return V::blendv(d, V(0), a <= V(0));
+  return V::blendv(d * slope, d, a > V(0));
+}
+
+// A per-channel affine parameter in double (fill when absent).
+std::vector<double> per_channel(const Optional& t, int64_t C, double fill) {
+  std::vector<double> out(C, fill);
+  if (t.has_value() && t->defined()) {
+    const at::Tensor d = t->to(at::kDouble).contiguous();
+    std::copy(d.const_data_ptr<double>(), d.const_data_ptr<double>() + C, out.begin());
+  }
+  return out;
+}
+
+void check_param(const char* op, const char* name, const Optional& t, int64_t C) {
+  if (t.has_value() && t->defined())
+    TORCH_CHECK(t->numel() == C, op, ": ", name, " must have ", C, " elements, got ", t->numel());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
+    const at::Tensor& y_in, int64_t groups, const Optional& weight, const Optional& bias,
+    double eps, c10::string_view act_name, double slope) {
+  const Act act = parse_act(std::string(act_name));
+  const auto format = format_of(y_in);
+  const at::Tensor y = y_in.contiguous(format);
+  const Layout l = layout_of("norm_act", y, groups);
+  check_param("norm_act", "weight", weight, l.C);
+  check_param("norm_act", "bias", bias, l.C);
+  const int64_t count = l.count();
+  TORCH_CHECK(groups != 0 || count != 1,
+              "Expected more than 1 value per channel when training, got input size ", y.sizes());
+  const auto acc_type = at::toOpMathType(y.scalar_type());
+  const auto unit_shape = groups ? std::vector<int64_t>{l.N, groups} : std::vector<int64_t>{l.C};
+  at::Tensor mean = at::zeros(unit_shape, at::TensorOptions().dtype(acc_type));
+  at::Tensor invstd = at::zeros_like(mean), unbiased_var = at::zeros_like(mean);
+  at::Tensor out = at::empty_like(y, format);
+  if (y.numel() == 0) return {out, mean, invstd, unbiased_var};
+  const auto gamma = per_channel(weight, l.C, 1.0), beta = per_channel(bias, l.C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act", [&] {
+    using V = Vec<scalar_t>;
+    using A = acc<scalar_t>;
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    // each unit's first value shifts its sums (cpu::ShiftedMoments)
+    std::vector<A> unit_first(l.units());
+    for (int64_t n = l.N - 1; n >= 0; --n)
+      for (int64_t c = l.C - 1; c >= 0; --c)
+        unit_first[l.unit_of(n, c)] = yp[l.channels_last ? n * l.S * l.C + c : (n * l.C + c) * l.S];
+    const auto first =
+        per_plane<A>(l, [&](int64_t n, int64_t c) { return unit_first[l.unit_of(n, c)]; });
+    const cpu::ShiftedMoments<scalar_t> moments;
+    auto [sum, sum_sq] = unit_sums<scalar_t, 1>(l, yp, nullptr, {first.data()}, moments, moments);
+    A* m = mean.data_ptr<A>();
+    A* is = invstd.data_ptr<A>();
+    cpu::finish_moments<A>(sum, sum_sq, unit_first.data(), l.units(), count, eps, m, is,
+                           unbiased_var.data_ptr<A>());
+    const auto scale = per_plane<A>(
+        l, [&](int64_t n, int64_t c) { return static_cast<A>(gamma[c] * is[l.unit_of(n, c)]); });
+    const auto shift = per_plane<A>(l, [&](int64_t n, int64_t c) {
+      return static_cast<A>(beta[c] - double(m[l.unit_of(n, c)]) * gamma[c] * is[l.unit_of(n, c)]);
+    });
+    const A s = static_cast<A>(slope);
+    plane_map<scalar_t, 2>(
+        l, out.data_ptr<scalar_t>(), yp, nullptr, {scale.data(), shift.data()},
+        [act, s](V v, V, const std::array<V, 2>& k) {
+          return activate_vec(act, v * k[0] + k[1], V(s));
+        },
+        [act, s](A v, A, const std::array<A, 2>& k) { return activate(act, v * k[0] + k[1], s); });
+  });
+  return {out, mean, invstd, unbiased_var};
+}
+
+// With gz = the activation's mask applied to grad_out, k = gamma * invstd and n values per unit:
+// grad_y = k*gz - invstd * (sum over the unit of gamma*gz)/n - invstd * xhat * (sum of
+// gamma*gz*xhat)/n, xhat = (y - mean) * invstd; written as k*gz + a*y + b per plane.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& y_in, int64_t groups, const Optional& weight,
+    const Optional& bias, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    c10::string_view act_name, double slope) {
+  const Act act = parse_act(std::string(act_name));
+  TORCH_CHECK(grad_out.sizes() == y_in.sizes(), "norm_act_backward: grad_out of shape ",
+              grad_out.sizes(), " does not match y of shape ", y_in.sizes());
+  const auto format = format_of(y_in);
+  const at::Tensor y = y_in.contiguous(format);
+  const at::Tensor dy = grad_out.to(y.scalar_type()).contiguous(format);
+  const Layout l = layout_of("norm_act_backward", y, groups);
+  const auto acc_type = at::toOpMathType(y.scalar_type());
+  const at::Tensor mean = mean_in.to(acc_type).contiguous(),
+                   invstd = invstd_in.to(acc_type).contiguous();
+  TORCH_CHECK(mean.numel() == l.units() && invstd.numel() == l.units(),
+              "norm_act_backward: expected ", l.units(), " statistics, got ", mean.numel());
+  const auto gamma = per_channel(weight, l.C, 1.0), beta = per_channel(bias, l.C, 0.0);
+  at::Tensor grad_y = at::empty_like(y, format);
+  at::Tensor grad_weight = at::zeros({l.C}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor grad_bias = at::zeros_like(grad_weight);
+  if (y.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_backward", [&] {
+      using V = Vec<scalar_t>;
+      using A = acc<scalar_t>;
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+      const A* m = mean.const_data_ptr<A>();
+      const A* is = invstd.const_data_ptr<A>();
+      auto unit = [&](int64_t n, int64_t c) { return l.unit_of(n, c); };
+      const auto scale = per_plane<A>(
+          l, [&](int64_t n, int64_t c) { return static_cast<A>(gamma[c] * is[unit(n, c)]); });
+      const auto shift = per_plane<A>(l, [&](int64_t n, int64_t c) {
+        return static_cast<A>(beta[c] - double(m[unit(n, c)]) * gamma[c] * is[unit(n, c)]);
+      });
+      const auto plane_mean = per_plane<A>(l, [&](int64_t n, int64_t c) { return m[unit(n, c)]; });
+      const A s = static_cast<A>(slope);
+      // per-plane sums (not per unit: the affine gradients are per channel)
+      Layout planes = l;
+      planes.groups = l.C;  // one unit per (sample, channel)
+      auto [sum_dy, sum_dy_xmu] = unit_sums<scalar_t, 3>(
+          planes, yp, dyp, {scale.data(), shift.data(), plane_mean.data()},
+          [act, s](V v, V d, const std::array<V, 3>& k) {
+            const V masked = mask_vec(act, v * k[0] + k[1], d, V(s));
+            return std::pair{masked, masked * (v - k[2])};
+          },
+          [act, s](A v, A d, const std::array<A, 3>& k) {
+            const A masked = mask(act, v * k[0] + k[1], d, s);
+            return std::pair{masked, masked * (v - k[2])};
+          });
+      std::vector<double> unit_dy(l.units(), 0.0), unit_dy_xmu(l.units(), 0.0);
+      double* gw = grad_weight.data_ptr<double>();
+      double* gb = grad_bias.data_ptr<double>();
+      for (int64_t n = 0; n < l.N; ++n) {
+        for (int64_t c = 0; c < l.C; ++c) {
+          const int64_t p = n * l.C + c, u = unit(n, c);
+          unit_dy[u] += gamma[c] * sum_dy[p];
+          unit_dy_xmu[u] += gamma[c] * sum_dy_xmu[p];
+          gw[c] += sum_dy_xmu[p] * is[u];
+          gb[c] += sum_dy[p];
+        }
+      }
+      const double count = static_cast<double>(l.count());
+      std::vector<A> gain(l.N * l.C), slope_y(l.N * l.C), offset(l.N * l.C);
+      for (int64_t n = 0; n < l.N; ++n) {
+        for (int64_t c = 0; c < l.C; ++c) {
+          const int64_t p = n * l.C + c, u = unit(n, c);
+          const double inv = is[u];
+          const double a = -inv * inv * inv * unit_dy_xmu[u] / count;
+          gain[p] = static_cast<A>(gamma[c] * inv);
+          slope_y[p] = static_cast<A>(a);
+          offset[p] = static_cast<A>(-inv * unit_dy[u] / count - a * m[u]);
+        }
+      }
+      plane_map<scalar_t, 5>(
+          l, grad_y.data_ptr<scalar_t>(), yp, dyp,
+          {scale.data(), shift.data(), gain.data(), slope_y.data(), offset.data()},
+          [act, s](V v, V d, const std::array<V, 5>& k) {
+            return mask_vec(act, v * k[0] + k[1], d, V(s)) * k[2] + v * k[3] + k[4];
+          },
+          [act, s](A v, A d, const std::array<A, 5>& k) {
+            return mask(act, v * k[0] + k[1], d, s) * k[2] + v * k[3] + k[4];
+          });
+    });
+  }
+  const auto param_type =
+      weight.has_value() && weight->defined() ? weight->scalar_type() : acc_type;
+  return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type)};
+}
+
+}  // namespace
+}  // namespace unet_fast
+
+TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
+  m.impl("norm_act", &unet_fast::norm_act_cpu);
+  m.impl("norm_act_backward", &unet_fast::norm_act_backward_cpu);
+}

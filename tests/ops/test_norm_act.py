@@ -1,0 +1,202 @@
+"""norm_act (BatchNorm / InstanceNorm / GroupNorm x ReLU / LeakyReLU / identity, 2-D and 3-D)
+against the reference: outputs, every gradient, running statistics, NaN and Inf, layouts."""
+
+import pytest
+import torch
+
+from tests.helpers import assert_bf16_within_rule, assert_close
+from unet_fast import _backend, ops, reference
+
+pytestmark = pytest.mark.skipif(
+    _backend.EXTENSION_ERROR is not None, reason="unet_fast._C is not built"
+)
+
+NORMS = [("batch", None), ("instance", None), ("group", 2), ("none", None)]
+ACTS = [("relu", 0.0), ("leaky_relu", 0.2), ("identity", 0.0)]
+
+
+def channels_last(x):
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.contiguous(memory_format=fmt)
+
+
+def in_layout(x, name):
+    if name == "channels_last":
+        return channels_last(x)
+    if name == "strided":  # every other column of a wider tensor
+        wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x.contiguous()
+
+
+def run(backend, y, norm, groups, act, slope, affine=True, track=True, training=True, seed=0):
+    """(output, grad_y, grad_weight, grad_bias, running_mean, running_var) for one call."""
+    g = torch.Generator().manual_seed(seed)
+    c = y.shape[1]
+    affine = affine and norm != "none"
+    # drawn in float64 whatever y's dtype, so runs in different dtypes share the values
+    weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(y.dtype) if affine else None
+    bias = torch.randn(c, generator=g, dtype=torch.float64).to(y.dtype) if affine else None
+    stats = track and norm in ("batch", "instance")
+    running_mean = torch.randn(c, generator=g, dtype=torch.float64).to(y.dtype) if stats else None
+    running_var = (
+        (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(y.dtype) if stats else None
+    )
+    y = y.detach().requires_grad_()
+    for t in (weight, bias):
+        if t is not None:
+            t.requires_grad_()
+    out = ops.norm_act(
+        y,
+        norm,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        0.1,
+        1e-5,
+        act,
+        slope,
+        groups=groups,
+        backend=backend,
+    )
+    probe = torch.randn(out.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    (out * probe).sum().backward()
+    grads = [y.grad] + [t.grad for t in (weight, bias) if t is not None]
+    return [out, *grads, *[t for t in (running_mean, running_var) if t is not None]]
+
+
+@pytest.mark.parametrize("norm,groups", NORMS)
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("shape", [(2, 4, 5, 6), (2, 4, 3, 4, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("y_layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_training_matches_reference_float64(norm, groups, act, slope, shape, y_layout, affine):
+    y = in_layout(torch.randn(shape, dtype=torch.float64) * 3 + 1, y_layout)
+    got = run("cpu", y, norm, groups, act, slope, affine)
+    want = run("reference", y, norm, groups, act, slope, affine)
+    assert_close(got, want, torch.float64)
+    if y_layout == "channels_last":  # the output keeps the input's layout
+        assert got[0].stride() == channels_last(got[0]).stride()
+
+
+@pytest.mark.parametrize("norm,groups", NORMS[:3])
+@pytest.mark.parametrize("act,slope", ACTS[:2])
+@pytest.mark.parametrize("channels", [16, 20, 32])  # vector blocks, a tail, two blocks
+@pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
+def test_float32_vector_paths_match(norm, groups, act, slope, channels, y_layout):
+    shape = (2, channels, 6, 7, 9)
+    y = in_layout(torch.randn(shape) * 2 - 1, y_layout)
+    got = run("cpu", y, norm, groups, act, slope)
+    want = run("reference", y.double(), norm, groups, act, slope)
+    assert_close(got, [w.float() for w in want], torch.float32)
+
+
+@pytest.mark.parametrize("norm,groups", NORMS[:3])
+def test_bfloat16_within_twice_the_references_error(norm, groups):
+    y = channels_last(torch.randn(2, 16, 8, 8, 8).to(torch.bfloat16))
+    got = run("cpu", y, norm, groups, "leaky_relu", 0.01)
+    theirs = run("reference", y, norm, groups, "leaky_relu", 0.01)
+    exact = run("reference", y.double(), norm, groups, "leaky_relu", 0.01)
+    assert_bf16_within_rule(got, theirs, exact)
+
+
+def test_eval_uses_running_statistics_and_instance_norm_tracks_them():
+    y = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    for norm in ("batch", "instance"):
+        assert_close(
+            run("cpu", y, norm, None, "relu", 0.0, training=False),
+            run("reference", y, norm, None, "relu", 0.0, training=False),
+            torch.float64,
+        )
+    # a tracking InstanceNorm in training updates its running statistics from the batch average
+    got = run("cpu", y, "instance", None, "relu", 0.0)
+    want = run("reference", y, "instance", None, "relu", 0.0)
+    assert_close(got[-2:], want[-2:], torch.float64)
+
+
+@pytest.mark.parametrize("norm,groups", NORMS[:3])
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
+def test_nan_and_inf_propagate_as_in_the_reference(norm, groups, act, slope, y_layout):
+    y = torch.randn(2, 4, 3, 4, 5, dtype=torch.float64)
+    y[0, 1, 0, 0, 0] = float("nan")
+    y[1, 2, 1, 1, 1] = float("inf")
+    y[1, 3, 2, 0, 1] = -float("inf")
+    y = in_layout(y, y_layout)
+    got = run("cpu", y, norm, groups, act, slope)
+    want = run("reference", y, norm, groups, act, slope)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.isnan(), w.isnan())
+        assert_close(g.nan_to_num(0, 0, 0), w.nan_to_num(0, 0, 0), torch.float64)
+
+
+def test_saves_y_and_statistics_only():
+    y = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
+    weight, bias = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.norm_act(y, "instance", weight, bias, act="leaky_relu")
+    activations = [t for t in saved if t.numel() == y.numel()]
+    assert len(activations) == 1 and activations[0].data_ptr() == y.data_ptr()
+    assert sum(t.numel() for t in saved if t.numel() != y.numel()) <= 2 * 8 + 2 * 16
+
+
+def test_opcheck():
+    y = torch.randn(2, 4, 3, 4, 5, requires_grad=True)
+    weight, bias = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    for groups, act, slope in ((0, "relu", 0.0), (4, "leaky_relu", 0.01), (2, "identity", 0.0)):
+        for t in (y, channels_last(y.detach()).requires_grad_()):
+            torch.library.opcheck(
+                torch.ops.unet_fast.norm_act.default, (t, groups, weight, bias, 1e-5, act, slope)
+            )
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    y = channels_last(torch.randn(2, 4, 3, 4, 5))
+    weight, bias = torch.rand(4), torch.randn(4)
+
+    def fn(y):
+        return ops.norm_act(y, "instance", weight, bias, act="leaky_relu", negative_slope=0.01)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert_close(
+        compiled(y),
+        reference.norm_act(
+            y, "instance", None, weight, bias, None, None, True, 0.1, 1e-5, "leaky_relu", 0.01
+        ),
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"norm": "layer"}, ValueError, "norm must be one of"),
+        ({"act": "gelu"}, ValueError, "act must be one of"),
+        ({"norm": "group", "groups": 3}, ValueError, "4 channels cannot be split into groups=3"),
+        ({"norm": "group"}, ValueError, "groups=None"),
+        ({"weight": torch.ones(3)}, ValueError, "weight must have shape (4,)"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.norm_act(torch.randn(2, 4, 5, 5), **kwargs)
+
+
+def test_sizes_without_statistics_are_refused_like_pytorch():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.norm_act(torch.randn(1, 4, 1, 1, 1), "batch")
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        ops.norm_act(torch.randn(2, 4, 1, 1), "instance")
+    with pytest.raises(ValueError, match="4-D or 5-D"):
+        ops.norm_act(torch.randn(2, 4, 5), "instance")
+
+
+def test_triton_backend_says_it_has_no_kernels():
+    if not _backend.triton_runs_on(torch.device("cpu")):
+        pytest.skip("triton: not installed, or no GPU and TRITON_INTERPRET unset")
+    with pytest.raises(NotImplementedError, match="no Triton kernels"):
+        ops.norm_act(torch.randn(2, 4, 5, 5), "instance", backend="triton")

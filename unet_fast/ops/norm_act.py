@@ -1,0 +1,151 @@
+"""norm_act: Norm -> activation on a 2-D or 3-D conv output, fused; BatchNorm, InstanceNorm or
+GroupNorm, then ReLU, LeakyReLU or nothing (the blocks of nnU-Net and MONAI).
+
+With batch statistics (training; GroupNorm always; InstanceNorm without running statistics) one
+kernel computes the statistics, normalises and activates: two passes forward, two backward.
+Saved for backward: y and the per-unit mean and 1/std; the normalised activation and the
+activation's mask are recomputed from y, so the normalised tensor is never stored. With running
+statistics (BatchNorm or a tracking InstanceNorm in eval) the reference's arithmetic runs.
+"""
+
+from typing import Optional
+
+import torch
+
+from .. import _backend, reference
+from .._common import empty_like_layout, update_running_stats
+from ._checks import FLOATING, check_channel_vectors
+
+Tensor = torch.Tensor
+NORMS = ("batch", "instance", "group", "none")
+ACTS = ("relu", "leaky_relu", "identity")
+
+
+def norm_act(
+    y: Tensor,
+    norm: str = "batch",
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    act: str = "relu",
+    negative_slope: float = 0.01,
+    *,
+    groups: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """act(norm(y)) as F.batch_norm / F.instance_norm / F.group_norm then F.relu / F.leaky_relu
+    compute it, updating running statistics in place when batch statistics are used.
+
+    `groups` is GroupNorm's number of groups (required for norm="group"); `momentum` is the
+    running-average factor as in F.batch_norm.
+    """
+    check_norm_act(y, norm, groups, weight, bias, running_mean, running_var, act, training)
+    # F.batch_norm's and F.instance_norm's choice; GroupNorm has no running statistics
+    batch_stats = norm == "group" or training or running_mean is None
+    args = (y, norm, groups, weight, bias, running_mean, running_var, batch_stats, momentum, eps)
+    chosen = _backend.resolve(backend, y.device, "norm_act")
+    if chosen == "reference" or norm == "none" or not batch_stats:
+        return reference.norm_act(*args, act, negative_slope)
+    if chosen == "triton":
+        raise NotImplementedError(
+            "norm_act has no Triton kernels yet: use backend='cpu' or 'reference'"
+        )
+    kernel_groups = 0 if norm == "batch" else (y.shape[1] if norm == "instance" else groups)
+    slope = negative_slope if act == "leaky_relu" else 0.0
+    out, mean, _, var = torch.ops.unet_fast.norm_act(
+        y, kernel_groups, weight, bias, eps, act, slope
+    )
+    if norm == "batch":
+        update_running_stats(running_mean, running_var, mean, var, momentum, y[:, 0].numel())
+    elif running_mean is not None or running_var is not None:
+        # a tracking InstanceNorm averages the per-sample statistics over the batch
+        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum, 1)
+    return out
+
+
+def check_norm_act(y, norm, groups, weight, bias, running_mean, running_var, act, training):
+    if not isinstance(y, Tensor):
+        raise TypeError(f"norm_act: y must be a torch.Tensor, got {type(y).__name__}")
+    if y.dim() not in (4, 5):
+        raise ValueError(
+            f"norm_act: y must be 4-D or 5-D (N, C, [D,] H, W), got shape {tuple(y.shape)}"
+        )
+    if y.dtype not in FLOATING:
+        raise TypeError(f"norm_act: y must be float32, float64, bfloat16 or float16, got {y.dtype}")
+    if norm not in NORMS:
+        raise ValueError(f"norm_act: norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if act not in ACTS:
+        raise ValueError(f"norm_act: act must be one of {', '.join(ACTS)}, got {act!r}")
+    c = y.shape[1]
+    if norm == "group" and (not isinstance(groups, int) or groups <= 0 or c % groups):
+        raise ValueError(f"norm_act: {c} channels cannot be split into groups={groups!r} groups")
+    check_channel_vectors(
+        "norm_act",
+        c,
+        y.device,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    if norm == "batch" and training and y.numel() // c == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
+        )
+    if norm == "instance" and (training or running_mean is None) and y[0, 0].numel() <= 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {tuple(y.shape)}"
+        )
+
+
+def _fake(y, groups, weight, bias, eps, act, slope):
+    stats = y.new_empty(
+        (y.shape[1],) if groups == 0 else (y.shape[0], groups),
+        dtype=torch.float64 if y.dtype == torch.float64 else torch.float32,
+    )
+    return empty_like_layout(y, y.shape), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+
+def _fake_backward(grad_out, y, groups, weight, bias, mean, invstd, act, slope):
+    param = weight.dtype if weight is not None else mean.dtype
+    return (
+        empty_like_layout(y, y.shape),
+        y.new_empty((y.shape[1],), dtype=param),
+        y.new_empty((y.shape[1],), dtype=param),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    y, groups, weight, bias, eps, act, slope = inputs
+    _, mean, invstd, _ = output
+    ctx.save_for_backward(y, weight, bias, mean, invstd)
+    ctx.groups, ctx.act, ctx.slope = groups, act, slope
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_out, *_):
+    y, weight, bias, mean, invstd = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 7
+    grad_y, grad_weight, grad_bias = torch.ops.unet_fast.norm_act_backward(
+        grad_out, y, ctx.groups, weight, bias, mean, invstd, ctx.act, ctx.slope
+    )
+    return (
+        grad_y,
+        None,
+        grad_weight if weight is not None and ctx.needs_input_grad[2] else None,
+        grad_bias if bias is not None and ctx.needs_input_grad[3] else None,
+        None,
+        None,
+        None,
+    )
+
+
+if _backend.EXTENSION_ERROR is None:
+    torch.library.register_fake("unet_fast::norm_act", _fake)
+    torch.library.register_fake("unet_fast::norm_act_backward", _fake_backward)
+    torch.library.register_autograd("unet_fast::norm_act", _backward, setup_context=_setup_context)

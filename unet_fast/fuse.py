@@ -1,41 +1,63 @@
-"""fuse(model): run the Conv2d -> BatchNorm2d -> ReLU Sequentials of any model through the fused ops."""
+"""fuse(model): run the Conv -> Norm -> Act Sequentials of any model through the fused ops."""
 
 from torch import nn
 
 from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, runs
+from .nn.conv_norm_act import FusedConvNormAct, describe, find_runs, plain_sequential
+
+
+class FuseReport:
+    """What fuse() did: `fused` maps each replaced submodule's name to its fused runs, `left`
+    each Sequential holding a convolution it left as it was to why."""
+
+    def __init__(self):
+        self.fused, self.left = {}, {}
+
+    def __str__(self):
+        lines = [f"fused {name}: {what}" for name, what in self.fused.items()]
+        return "\n".join(lines + [f"left  {name}: {why}" for name, why in self.left.items()])
 
 
 def _fused(seq: nn.Sequential, backend: str):
-    """The most specific fused module for a Sequential, or None when it holds no Conv -> BN ->
-    ReLU run (a double conv also stores less for backward)."""
-    if not runs(list(seq)):
-        return None
-    for cls in (FusedDoubleConv, FusedConvBNReLU, FusedSequential):
-        try:
-            return cls.from_modules(*seq, backend=backend)
-        except ValueError:  # not that structure
-            continue
+    """(the most specific fused module for a Sequential or None, what it fuses or why not).
+
+    Stride-1 Conv2d -> BatchNorm2d -> ReLU runs take the BN-ReLU ops (folded in eval, the double
+    conv storing less for backward); other Conv -> Norm -> Act runs take ops.norm_act."""
+    if runs(list(seq)):
+        for cls in (FusedDoubleConv, FusedConvBNReLU, FusedSequential):
+            try:
+                return cls.from_modules(*seq, backend=backend), "Conv2d -> BatchNorm2d -> ReLU"
+            except ValueError:  # not that structure
+                continue
+    found, reasons = find_runs(list(seq))
+    if found:
+        return FusedConvNormAct.from_sequential(seq, backend), "; ".join(map(describe, found))
+    return None, "; ".join(reasons)
 
 
 def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
-    """Replaces, in place, every nn.Sequential holding Conv2d -> BatchNorm2d -> ReLU runs (the
-    tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's Conv2dReLU, ...) with a
-    fused module wrapping the same children: parameters, buffers and state_dict keys are
-    unchanged. A double conv becomes FusedDoubleConv (which also stores less for backward).
-    Sequential subclasses count when they keep Sequential's forward (as Conv2dReLU does);
-    convolutions that are strided, dilated, grouped or not zero-padded are left as they are.
+    """Replaces, in place, every nn.Sequential holding Conv -> Norm -> Act runs with a fused
+    module wrapping the same children: parameters, buffers, names and state_dict keys are
+    unchanged. Recognised: the tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's
+    Conv2dReLU, nnU-Net's ConvDropoutNormReLU (its all_modules), MONAI's Convolution (conv then
+    ADN); 2-D and 3-D, BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / none. Sequential
+    subclasses count when they keep Sequential's forward; modules with a forward of their own
+    are left as written.
 
-    Returns the model, or (model, names of the replaced submodules) with report=True.
+    Returns the model, or (model, FuseReport) with report=True.
     """
-    replaced = []
+    done = FuseReport()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            plain = (
-                isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward
-            )
-            if not plain or (fused := _fused(child, backend)) is None:
+            if not plain_sequential(child):
+                continue
+            path = f"{name}.{child_name}" if name else child_name
+            fused, what = _fused(child, backend)
+            if fused is None:
+                if what:
+                    done.left[path] = what
                 continue
             fused.train(child.training)
             setattr(module, child_name, fused)
-            replaced.append(f"{name}.{child_name}" if name else child_name)
-    return (model, replaced) if report else model
+            done.fused[path] = what
+    return (model, done) if report else model

@@ -89,9 +89,9 @@ def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
     plain = tutorial_unet.UNet(3, 2, base_features=4, bilinear=False).double()
     plain.load_state_dict(tutorial.state_dict())
     keys = list(tutorial.state_dict())
-    model, replaced = unet_fast.fuse(tutorial, report=True)
+    model, report = unet_fast.fuse(tutorial, report=True)
     assert model is tutorial and list(model.state_dict()) == keys
-    assert len(replaced) == 9 and "inc.double_conv" in replaced
+    assert len(report.fused) == 9 and "inc.double_conv" in report.fused
 
     class Conv2dReLU(nn.Sequential):  # as segmentation_models_pytorch's decoder blocks
         def __init__(self, c_in, c_out):
@@ -113,9 +113,10 @@ def test_fuse_replaces_conv_bn_relu_runs_and_keeps_keys():
     wrapper.strided = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU())
     wrapper.custom = Custom(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     keys = list(wrapper.state_dict())
-    _, replaced = unet_fast.fuse(wrapper, report=True)
-    assert replaced == ["smp", "head"] and list(wrapper.state_dict()) == keys
+    _, report = unet_fast.fuse(wrapper, report=True)
+    assert list(report.fused) == ["smp", "head", "strided"] and list(wrapper.state_dict()) == keys
     assert type(wrapper.head).__name__ == "FusedSequential" and unet_fast.fuse(wrapper) is wrapper
+    assert type(wrapper.strided).__name__ == "FusedConvNormAct"  # a strided conv: ops.norm_act
     x = torch.randn(2, 3, 24, 24, dtype=torch.float64)
     for got, want in zip(run(model, x, steps=2), run(plain, x, steps=2), strict=True):
         assert_close(got, want, torch.float64)

@@ -7,11 +7,13 @@ from .conv_bn_relu import (
     convert_sync_batchnorm,
     fusable,
 )
+from .conv_norm_act import FusedConvNormAct
 from .crop_concat import CropConcat
 
 __all__ = [
     "CropConcat",
     "FusedConvBNReLU",
+    "FusedConvNormAct",
     "FusedDoubleConv",
     "FusedSequential",
     "convert_sync_batchnorm",

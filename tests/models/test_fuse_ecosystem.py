@@ -1,0 +1,119 @@
+"""fuse() on the networks of nnU-Net (dynamic_network_architectures) and MONAI, 2-D and 3-D:
+outputs, every parameter gradient and every buffer against the original network."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import unet_fast
+from tests.helpers import assert_close
+from unet_fast import _backend
+
+monai_nets = pytest.importorskip("monai.networks.nets")
+plain_conv_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+pytestmark = pytest.mark.skipif(
+    _backend.EXTENSION_ERROR is not None, reason="unet_fast._C is not built"
+)
+
+
+def nnunet(dims, norm="instance"):
+    conv = nn.Conv3d if dims == 3 else nn.Conv2d
+    norms = {
+        "instance": (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d, {"affine": True}),
+        "batch": (nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d, {}),
+    }
+    norm_op, norm_kwargs = norms[norm]
+    return plain_conv_unet.PlainConvUNet(
+        1,
+        3,
+        (4, 8, 16),
+        conv,
+        (1, 3, 3) if dims == 3 else 3,
+        (1, 2, 2),
+        (2, 2, 2),
+        3,
+        (1, 1),
+        False,
+        norm_op,
+        {"eps": 1e-5, **norm_kwargs},
+        None,
+        None,
+        nn.LeakyReLU,
+        {"inplace": True},
+        deep_supervision=False,
+    )
+
+
+def basic_unet(dims):
+    return monai_nets.BasicUNet(dims, 1, 2, features=(4, 4, 8, 8, 16, 4))
+
+
+NETWORKS = {
+    "nnunet-2d": (lambda: nnunet(2), (2, 1, 16, 16)),
+    "nnunet-3d": (lambda: nnunet(3), (2, 1, 8, 16, 16)),
+    "nnunet-3d-batchnorm": (lambda: nnunet(3, "batch"), (2, 1, 8, 16, 16)),
+    "monai-basicunet-2d": (lambda: basic_unet(2), (2, 1, 32, 32)),
+    "monai-basicunet-3d": (lambda: basic_unet(3), (2, 1, 32, 32, 32)),
+}
+
+
+def step(model, x, training):
+    """[output, every parameter gradient, every buffer] after one step in a mode; parameters
+    the forward does not use (nnU-Net's unused deep-supervision heads) give an empty tensor."""
+    model.train(training)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    grads = [torch.empty(0) if p.grad is None else p.grad for p in model.parameters()]
+    return [out, *grads, *model.buffers()]
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_fused_network_matches_the_original(name):
+    make, shape = NETWORKS[name]
+    torch.manual_seed(0)
+    original = make().double()
+    fused, report = unet_fast.fuse(copy.deepcopy(original), report=True)
+    assert report.fused and list(fused.state_dict()) == list(original.state_dict())
+    assert any(isinstance(m, unet_fast.nn.FusedConvNormAct) for m in fused.modules())
+    x = torch.randn(shape, dtype=torch.float64)
+    for training in (True, False, True):  # eval between steps reads the running statistics
+        assert_close(step(fused, x, training), step(original, x, training), torch.float64)
+
+
+def test_float32_channels_last_3d():
+    make, shape = NETWORKS["nnunet-3d"]
+    torch.manual_seed(0)
+    original = make()
+    fused = unet_fast.fuse(copy.deepcopy(original))
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+    for model in (original, fused):
+        model.to(memory_format=torch.channels_last_3d)
+    assert_close(step(fused, x, True), step(original, x, True), torch.float32)
+
+
+def test_report_says_what_was_left_and_why():
+    net = monai_nets.UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
+    model, report = unet_fast.fuse(copy.deepcopy(net), report=True)
+    assert not report.fused and any("PReLU is not fused yet" in why for why in report.left.values())
+    assert "PReLU" in str(report)
+    x = torch.randn(2, 1, 16, 16)
+    assert_close(model(x), net(x), torch.float32)  # left as written: the same network
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
+    _, report = unet_fast.fuse(nn.Sequential(seq), report=True)
+    assert report.left == {"0": "child 0 (Conv2d): ReLU before any norm"}
+
+
+def test_active_dropout_runs_as_written():
+    seq = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Dropout3d(0.5), nn.InstanceNorm3d(4), nn.ReLU())
+    fused = unet_fast.fuse(nn.Sequential(copy.deepcopy(seq)))[0]
+    x = torch.randn(2, 2, 6, 6, 6)
+    torch.manual_seed(1)
+    want = seq(x)
+    torch.manual_seed(1)
+    assert_close(fused(x), want, torch.float32)  # the same dropout mask: run as written
+    fused.eval(), seq.eval()
+    assert_close(fused(x), seq(x), torch.float32)

@@ -11,6 +11,7 @@ outside tolerance.
 
 import copy
 import json
+import math
 import resource
 import statistics
 import sys
@@ -21,6 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import _backend, reference
+from .fuse import fuse
+from .models import networks
 from .models.unet import UNet
 
 # flag differences above this fraction of the reference's largest magnitude (a sanity check;
@@ -50,23 +53,13 @@ def conv_flops(model, x) -> int:
 
     def hook(module, inputs, output):
         nonlocal total
-        source = inputs[0] if isinstance(module, nn.ConvTranspose2d) else output
+        transposed = isinstance(module, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+        source = inputs[0] if transposed else output  # the side the kernel slides over
         macs = module.in_channels * module.out_channels // module.groups
-        total += (
-            2
-            * macs
-            * module.kernel_size[0]
-            * module.kernel_size[1]
-            * source[0].numel()
-            // (source.shape[1])
-            * source.shape[0]
-        )
+        total += 2 * macs * math.prod(module.kernel_size) * source[0, 0].numel() * source.shape[0]
 
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
-    ]
+    kinds = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             model.eval()(x)
@@ -115,7 +108,7 @@ def step(model, x, mode, autocast_dtype=None):
         with autocast:
             out = model(x)
         out.float().square().mean().backward()
-        grads = [p.grad for p in model.parameters()]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # used ones
     synchronize(x.device)
     return time.perf_counter() - start, out.detach(), grads
 
@@ -127,43 +120,72 @@ def largest_difference(got, want, dtype):
     return diff, diff / scale, diff / scale <= TOLERANCE[dtype]
 
 
-def columns(compile_modes) -> list:
-    """(key, header) of every model timed, in report order: the tutorial as written (NCHW), the
-    tutorial as experts run it (channels_last), unet_fast's, all with the same weights; with
-    --compile, torch.compile of the tutorial in channels_last and of ours, per mode."""
-    names = [("baseline", "NCHW"), ("baseline_channels_last", "ch-last"), ("candidate", "ours")]
+def columns(model: str, compile_modes) -> list:
+    """(key, header) of every model timed, in report order: the baseline as written (default
+    layout), as experts run it (channels-last), ours, all with the same weights; with --compile,
+    torch.compile of the channels-last baseline and of ours, per mode. The UNet's baseline is
+    the tutorial's model; another network's is the network itself, ours fuse() of it."""
+    base, mine = ("tut", "ours") if model == "unet" else ("orig", "fused")
+    names = [
+        ("baseline", "NCHW" if model == "unet" else "orig"),
+        ("baseline_channels_last", "ch-last" if model == "unet" else "orig CL"),
+        ("candidate", mine),
+    ]
     for mode in compile_modes:
         short = {"default": "", "max-autotune": " ma", "reduce-overhead": " ro"}.get(mode, mode)
         names += [
-            (f"baseline_compiled_{mode}", f"c-tut{short}"),
-            (f"candidate_compiled_{mode}", f"c-ours{short}"),
+            (f"baseline_compiled_{mode}", f"c-{base}{short}"),
+            (f"candidate_compiled_{mode}", f"c-{mine}{short}"),
         ]
     return names
+
+
+def channels_last_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def workload(args, device, weights):
+    """(baseline, ours, input): the tutorial's UNet and unet_fast.UNet, or a network of
+    models.networks and fuse() of a copy, with the same weights."""
+    torch.manual_seed(0)
+    if args.model == "unet":
+        baseline = reference.UNet(3, 2, args.base_features, bilinear=False)
+        ours = UNet(3, 2, args.base_features, bilinear=False, backend=args.backend)
+        ours.load_state_dict(baseline.state_dict())
+        x = torch.randn(args.batch, 3, args.size, args.size)
+        return baseline.to(device, weights), ours.to(device, weights), x.to(device, weights)
+    shape, dims = networks.NETWORKS[args.model]
+    baseline = networks.build(args.model).to(device, weights)
+    ours = fuse(copy.deepcopy(baseline), backend=args.backend)
+    x = torch.randn(args.batch, shape[1], *[args.size] * dims, device=device, dtype=weights)
+    # a fused network runs channels-last, where the convolutions are fastest
+    return baseline, ours.to(memory_format=channels_last_of(x)), x
 
 
 def bench_dtype(args, device, dtype, progress) -> dict:
     """One dtype's figures: the models in `dtype`, or (--autocast) in float32 under
     torch.autocast to `dtype`, the drop-in case."""
-    torch.manual_seed(0)
-    baseline = reference.UNet(3, 2, args.base_features, bilinear=False)
-    ours = UNet(3, 2, args.base_features, bilinear=False, backend=args.backend)
-    ours.load_state_dict(baseline.state_dict())
     weights = torch.float32 if args.autocast else dtype
     autocast_dtype = dtype if args.autocast else None
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device, dtype=weights)
-    x_channels_last = x.contiguous(memory_format=torch.channels_last)
-    channels_last = copy.deepcopy(baseline).to(memory_format=torch.channels_last)
+    baseline, ours, x = workload(args, device, weights)
+    layout = channels_last_of(x)
+    x_channels_last = x.contiguous(memory_format=layout)
+    channels_last = copy.deepcopy(baseline).to(memory_format=layout)
+    x_ours = x if args.model == "unet" else x_channels_last  # the UNet converts internally
     models = {
-        "baseline": (baseline.to(device, weights), x),
-        "baseline_channels_last": (channels_last.to(device, weights), x_channels_last),
-        "candidate": (ours.to(device, weights), x),
+        "baseline": (baseline, x),
+        "baseline_channels_last": (channels_last, x_channels_last),
+        "candidate": (ours, x_ours),
     }
     for mode in args.compile:
         models[f"baseline_compiled_{mode}"] = (
             torch.compile(copy.deepcopy(channels_last), mode=mode),
             x_channels_last,
         )
-        models[f"candidate_compiled_{mode}"] = (torch.compile(copy.deepcopy(ours), mode=mode), x)
+        models[f"candidate_compiled_{mode}"] = (
+            torch.compile(copy.deepcopy(ours), mode=mode),
+            x_ours,
+        )
     name = str(dtype).replace("torch.", "")
     result = {
         "dtype": f"{name} autocast" if args.autocast else name,
@@ -207,7 +229,13 @@ def bench(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is available")
-    backend = _backend.resolve(args.backend, device, "conv_bn_relu")
+    if args.model == "unet":
+        args.batch, args.size = args.batch or 2, args.size or 128
+        backend = _backend.resolve(args.backend, device, "conv_bn_relu")
+    else:
+        shape = networks.NETWORKS[args.model][0]
+        args.batch, args.size = args.batch or shape[0], args.size or shape[2]
+        backend = _backend.resolve(args.backend, device, "norm_act")
     dtypes = [getattr(torch, name) for name in args.dtype]
     if args.autocast:  # float32 runs as it is; autocast takes the low-precision dtypes
         dtypes = [d for d in dtypes if d in (torch.bfloat16, torch.float16)]
@@ -225,6 +253,7 @@ def bench(args) -> dict:
             **vars(args),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "dims": 2 if args.model == "unet" else networks.NETWORKS[args.model][1],
             "backend": backend,
             "backends": _backend.backends(),
         },
@@ -236,36 +265,48 @@ def bench(args) -> dict:
 def report(result) -> str:
     cfg = result["config"]
     under = ", under torch.autocast" if cfg["autocast"] else ""
+    models = columns(cfg["model"], cfg["compile"])
+    (_, base), (_, base_cl), (_, mine) = models[:3]
+    if cfg["model"] == "unet":
+        what = f"UNet(3, 2, base_features={cfg['base_features']}, bilinear=False)"
+        shape = f"{cfg['batch']}x3x{cfg['size']}x{cfg['size']}"
+        described = [
+            f"  {base}: the tutorial's UNet (unet_fast.reference.UNet, eager, NCHW){under}",
+            f"  {base_cl}: the same in channels_last (model and input), as experts run it{under}",
+            f"  {mine}: unet_fast.UNet, backend {cfg['backend']}, same weights{under}",
+        ]
+    else:
+        what = cfg["model"]
+        shape = "x".join(map(str, [cfg["batch"], 1] + [cfg["size"]] * cfg["dims"]))
+        described = [
+            f"  {base}: the network as its library builds it (eager, channels-first){under}",
+            f"  {base_cl}: the same in channels-last (model and input){under}",
+            f"  {mine}: unet_fast.fuse() of it in channels-last, backend {cfg['backend']}, "
+            f"same weights{under}",
+        ]
     lines = [
-        f"unet-fast bench: UNet(3, 2, base_features={cfg['base_features']}, bilinear=False), input "
-        f"{cfg['batch']}x3x{cfg['size']}x{cfg['size']} on {cfg['device']} ({cfg['threads']} "
+        f"unet-fast bench: {what}, input {shape} on {cfg['device']} ({cfg['threads']} "
         f"threads), torch {cfg['torch']}",
-        f"  NCHW: the tutorial's UNet (unet_fast.reference.UNet, eager, NCHW){under}",
-        f"  ch-last: the same in channels_last (model and input), as experts run it{under}",
-        f"  ours: unet_fast.UNet, backend {cfg['backend']}, same weights{under}",
+        *described,
     ]
     if cfg["compile"]:
+        c_base, c_mine = models[3][1], models[4][1]
         lines.append(
-            "  c-tut / c-ours: torch.compile of ch-last / of ours (ma: mode max-autotune, ro: "
-            "reduce-overhead)"
+            f"  {c_base} / {c_mine}: torch.compile of {base_cl} / of {mine} (ma: mode "
+            "max-autotune, ro: reduce-overhead)"
         )
     lines.append(
         f"  medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up; "
-        "ratios: ours vs NCHW, ours vs ch-last"
-        + (", compiled ours vs compiled tutorial per mode" if cfg["compile"] else "")
+        f"ratios: {mine} vs {base}, {mine} vs {base_cl}"
+        + (f", compiled {mine} vs compiled {base} per mode" if cfg["compile"] else "")
     )
-    models = columns(cfg["compile"])
     ratios = [
-        ("candidate", "baseline", "vs NCHW"),
-        ("candidate", "baseline_channels_last", "vs ch-last"),
+        ("candidate", "baseline", f"vs {base}"),
+        ("candidate", "baseline_channels_last", f"vs {base_cl}"),
     ]
     ratios += [
-        (
-            f"candidate_compiled_{mode}",
-            f"baseline_compiled_{mode}",
-            "vs c-tut" + header[len("c-ours") :],
-        )
-        for mode, (_, header) in zip(cfg["compile"], models[4::2])
+        (f"candidate_compiled_{mode}", f"baseline_compiled_{mode}", f"vs {header}")
+        for mode, (_, header) in zip(cfg["compile"], models[3::2])
     ]
 
     def row(label, key, scale=1.0, digits=2, with_ratios=True):
@@ -296,16 +337,16 @@ def report(result) -> str:
             if not name.startswith("candidate"):
                 continue
             suffix = name[len("candidate") :]
-            for key, what in (
+            for key, quantity in (
                 ("inference_output_diff", "inference output"),
                 ("train_output_diff", "training output"),
                 ("gradient_diff", "gradients"),
             ):
                 diff, relative, ok = run[key + suffix]
                 flag = "ok" if ok else f"OUTSIDE TOLERANCE {tolerance:.0e}"
-                label = f"max |diff| {what}" + (f", {header}" if suffix else "")
+                label = f"max |diff| {quantity}" + (f", {header}" if suffix else "")
                 lines.append(
-                    f"  {label:40}{diff:10.1e}   ({relative:.1e} of the largest value, vs NCHW, "
+                    f"  {label:40}{diff:10.1e}   ({relative:.1e} of the largest value, vs {base}, "
                     f"{flag})"
                 )
     if cfg["device"] == "cpu":
@@ -321,7 +362,7 @@ def plot(result, path: str) -> None:
     import matplotlib.pyplot as plt
 
     cfg = result["config"]
-    models = columns(cfg["compile"])
+    models = columns(cfg["model"], cfg["compile"])
     labels = [
         f"{run['dtype']}\n{mode}" for run in result["runs"] for mode in ("inference", "train")
     ]
@@ -342,8 +383,8 @@ def plot(result, path: str) -> None:
     ax.set_xticks(list(range(len(labels))), labels)
     ax.set_ylabel("images/s")
     ax.set_title(
-        f"UNet(3, 2) {cfg['batch']}x3x{cfg['size']}² on {cfg['device']} "
-        "(NCHW, ch-last: the tutorial's; ours: unet_fast.UNet; c-: torch.compile)"
+        f"{cfg['model']}, batch {cfg['batch']}, size {cfg['size']} on {cfg['device']} "
+        "(c-: torch.compile)"
     )
     ax.legend()
     fig.tight_layout()

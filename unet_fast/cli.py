@@ -18,8 +18,17 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     b = sub.add_parser("bench", help="reference vs unet_fast UNet, interleaved in one process")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--size", type=int, default=128, help="input height and width")
-    b.add_argument("--batch", type=int, default=2)
+    b.add_argument(
+        "--model",
+        default="unet",
+        choices=["unet", "nnunet-2d", "nnunet-3d", "monai-basicunet-3d"],
+        help="unet: the tutorial's UNet against unet_fast.UNet; the others: that library's "
+        "network against unet_fast.fuse() of it",
+    )
+    b.add_argument(
+        "--size", type=int, help="input height and width (and depth); default 128 for unet"
+    )
+    b.add_argument("--batch", type=int, help="default 2 for unet")
     b.add_argument("--base-features", type=int, default=64)
     b.add_argument(
         "--dtype",
@@ -65,7 +74,7 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from . import bench
 
-            if args.batch < 2:
+            if args.batch is not None and args.batch < 2:
                 raise ValueError(
                     "--batch must be at least 2: a training step with BatchNorm needs "
                     "more than one value per channel"

@@ -122,16 +122,19 @@ def norm_act(
 
 
 def fit(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Centre-crop (if larger) or zero-pad (if smaller) x's last two dims to `size`.
+    """Centre-crop (if larger) or zero-pad (if smaller) x's last len(size) dims to `size`.
 
     Odd differences split as F.pad(x, [d // 2, d - d // 2]); negative padding crops.
     """
-    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
-    return F.pad(x, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+    pad = []
+    for axis in range(len(size) - 1, -1, -1):  # F.pad lists the last dim first
+        d = size[axis] - x.shape[x.dim() - len(size) + axis]
+        pad += [d // 2, d - d // 2]
+    return F.pad(x, pad)
 
 
 def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """[skip, up] on channels, each fitted to `size` = (H, W)."""
+    """[skip, up] on channels, each fitted to `size` ((H, W), or (D, H, W) for volumes)."""
     return torch.cat([fit(skip, size), fit(up, size)], dim=1)
 
 
@@ -168,20 +171,25 @@ def nearest_valid_sizes(size: int, padding: str, depth: int = DEPTH, count: int 
     return sorted(candidates, key=lambda s: (abs(s - size), s))[:count]
 
 
-def check_input(x: torch.Tensor, in_channels: int, padding: str, depth: int = DEPTH) -> None:
+def check_input(
+    x: torch.Tensor, in_channels: int, padding: str, depth: int = DEPTH, spatial_dims: int = 2
+) -> None:
     """Raises TypeError/ValueError naming the expected shape when a UNet cannot take `x`."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"UNet expects a torch.Tensor, got {type(x).__name__}")
-    expected = f"(N, {in_channels}, H, W)"
-    if x.dim() != 4:
-        raise ValueError(f"UNet expects a 4-D input {expected}, got shape {tuple(x.shape)}")
+    axes = ("height", "width") if spatial_dims == 2 else ("depth", "height", "width")
+    expected = f"(N, {in_channels}, {', '.join(a[0].upper() for a in axes)})"
+    if x.dim() != 2 + spatial_dims:
+        raise ValueError(
+            f"UNet expects a {2 + spatial_dims}-D input {expected}, got shape {tuple(x.shape)}"
+        )
     if x.shape[1] != in_channels:
         raise ValueError(
             f"UNet expects {in_channels} input channels {expected}, got shape {tuple(x.shape)}"
         )
     if not x.is_floating_point():
         raise TypeError(f"UNet expects a floating-point input, got {x.dtype}")
-    for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
+    for axis, size in zip(axes, x.shape[2:], strict=True):
         if output_size(size, padding, depth) is None:
             if padding == "same":
                 raise ValueError(
@@ -203,8 +211,50 @@ def check_input(x: torch.Tensor, in_channels: int, padding: str, depth: int = DE
 PADDING = {"same": 1, "valid": 0}
 
 
+class Layers:
+    """The layer classes of a U-Net: 2-D or 3-D, its norm and its activation.
+
+    norm: "batch" | "instance" (affine, as nnU-Net's) | ("group", groups)
+    act: "relu" | ("leaky_relu", negative_slope) | "prelu" (one weight per channel)
+    """
+
+    def __init__(self, spatial_dims: int = 2, norm="batch", act="relu"):
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        name = norm[0] if isinstance(norm, (tuple, list)) else norm
+        if name not in ("batch", "instance", "group"):
+            raise ValueError(f"norm must be 'batch', 'instance' or ('group', G), got {norm!r}")
+        if name == "group" and not (isinstance(norm, (tuple, list)) and len(norm) == 2):
+            raise ValueError(f"norm 'group' needs its number of groups: ('group', G), got {norm!r}")
+        act_name = act[0] if isinstance(act, (tuple, list)) else act
+        if act_name not in ("relu", "leaky_relu", "prelu"):
+            raise ValueError(f"act must be 'relu', ('leaky_relu', slope) or 'prelu', got {act!r}")
+        self.spatial_dims, self.norm, self.act = spatial_dims, norm, act
+        three = spatial_dims == 3
+        self.conv = nn.Conv3d if three else nn.Conv2d
+        self.conv_transpose = nn.ConvTranspose3d if three else nn.ConvTranspose2d
+        self.max_pool = nn.MaxPool3d if three else nn.MaxPool2d
+        self.upsample_mode = "trilinear" if three else "bilinear"
+        self.norm_name = name
+
+    def make_norm(self, channels: int) -> nn.Module:
+        if self.norm_name == "batch":
+            return (nn.BatchNorm3d if self.spatial_dims == 3 else nn.BatchNorm2d)(channels)
+        if self.norm_name == "instance":
+            kind = nn.InstanceNorm3d if self.spatial_dims == 3 else nn.InstanceNorm2d
+            return kind(channels, affine=True)
+        return nn.GroupNorm(self.norm[1], channels)
+
+    def make_act(self, channels: int) -> nn.Module:
+        if self.act == "relu":
+            return nn.ReLU(inplace=True)
+        if self.act == "prelu":
+            return nn.PReLU(channels)
+        return nn.LeakyReLU(self.act[1], inplace=True)
+
+
 class DoubleConv(nn.Module):
-    """(Conv 3x3 -> BN -> ReLU) x 2; keys double_conv.{0,1,3,4}.*"""
+    """(Conv 3x3 -> Norm -> Act) x 2; keys double_conv.{0,1,3,4}.* (and .2, .5 for PReLU)"""
 
     def __init__(
         self,
@@ -212,16 +262,18 @@ class DoubleConv(nn.Module):
         out_channels: int,
         mid_channels: Optional[int] = None,
         padding: str = "same",
+        layers: Optional[Layers] = None,
     ):
         super().__init__()
         mid_channels = mid_channels or out_channels
+        layers = layers or Layers()
         self.double_conv = nn.Sequential(
-            nn.Conv2d(in_channels, mid_channels, 3, padding=PADDING[padding], bias=False),
-            nn.BatchNorm2d(mid_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(mid_channels, out_channels, 3, padding=PADDING[padding], bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            layers.conv(in_channels, mid_channels, 3, padding=PADDING[padding], bias=False),
+            layers.make_norm(mid_channels),
+            layers.make_act(mid_channels),
+            layers.conv(mid_channels, out_channels, 3, padding=PADDING[padding], bias=False),
+            layers.make_norm(out_channels),
+            layers.make_act(out_channels),
         )
 
     def forward(self, x):
@@ -231,10 +283,18 @@ class DoubleConv(nn.Module):
 class EncoderBlock(nn.Module):
     """MaxPool 2x2 -> DoubleConv; keys maxpool_conv.1.double_conv.*"""
 
-    def __init__(self, in_channels: int, out_channels: int, padding: str = "same"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        padding: str = "same",
+        layers: Optional[Layers] = None,
+    ):
         super().__init__()
+        layers = layers or Layers()
         self.maxpool_conv = nn.Sequential(
-            nn.MaxPool2d(2, 2), DoubleConv(in_channels, out_channels, padding=padding)
+            layers.max_pool(2, 2),
+            DoubleConv(in_channels, out_channels, padding=padding, layers=layers),
         )
 
     def forward(self, x):
@@ -249,20 +309,34 @@ class DecoderBlock(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, bilinear: bool = True, padding: str = "same"
+        self,
+        in_channels: int,
+        out_channels: int,
+        bilinear: bool = True,
+        padding: str = "same",
+        layers: Optional[Layers] = None,
+        skip_channels: Optional[int] = None,
     ):
+        """bilinear: in_channels is the joined width (skip + upsampled); transposed: the width
+        from below, halved by the transposed conv and joined with skip_channels (default: the
+        same half, the tutorial's doubling widths)."""
         super().__init__()
         self.padding = padding
+        layers = layers or Layers()
         if bilinear:
-            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-            self.conv = DoubleConv(in_channels, out_channels, in_channels // 2, padding=padding)
+            self.up = nn.Upsample(scale_factor=2, mode=layers.upsample_mode, align_corners=True)
+            self.conv = DoubleConv(
+                in_channels, out_channels, in_channels // 2, padding=padding, layers=layers
+            )
         else:
-            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
-            self.conv = DoubleConv(in_channels, out_channels, padding=padding)
+            half = in_channels // 2
+            self.up = layers.conv_transpose(in_channels, half, kernel_size=2, stride=2)
+            joined = half + (half if skip_channels is None else skip_channels)
+            self.conv = DoubleConv(joined, out_channels, padding=padding, layers=layers)
 
     def forward(self, x, skip):
         x = self.up(x)
-        size = skip.shape[-2:] if self.padding == "same" else x.shape[-2:]
+        size = skip.shape[2:] if self.padding == "same" else x.shape[2:]
         return self.conv(crop_concat(skip, x, size))
 
 
@@ -273,9 +347,14 @@ class UNet(nn.Module):
         in_channels: input channels (1 grayscale, 3 RGB)
         num_classes: output channels (logits)
         base_features: channels of the first level; level i has base_features * 2**i
-        bilinear: bilinear upsampling (Pytorch-UNet semantics) instead of transposed convs
+        bilinear: bilinear (trilinear in 3-D) upsampling (Pytorch-UNet semantics) instead of
+            transposed convs
         padding: "same" (output size = input size, any size >= 16) or "valid" (the paper's
             unpadded convolutions: 572x572 in, 388x388 out)
+        spatial_dims: 2 (images, N x C x H x W) or 3 (volumes, N x C x D x H x W)
+        norm: "batch" (the tutorial's) | "instance" (affine) | ("group", groups)
+        act: "relu" (the tutorial's) | ("leaky_relu", negative_slope) | "prelu"
+        features: the five levels' widths, instead of base_features * 2**i
     """
 
     def __init__(
@@ -286,27 +365,38 @@ class UNet(nn.Module):
         bilinear: bool = True,
         *,
         padding: str = "same",
+        spatial_dims: int = 2,
+        norm="batch",
+        act="relu",
+        features: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if padding not in PADDING:
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        if features is not None and len(features) != DEPTH + 1:
+            raise ValueError(f"features must give {DEPTH + 1} widths, got {features!r}")
         self.in_channels, self.num_classes, self.bilinear = in_channels, num_classes, bilinear
-        self.padding = padding
-        f = [base_features * 2**i for i in range(5)]
+        self.padding, self.spatial_dims = padding, spatial_dims
+        layers = Layers(spatial_dims, norm, act)
+        f = list(features) if features else [base_features * 2**i for i in range(DEPTH + 1)]
         factor = 2 if bilinear else 1
-        self.inc = DoubleConv(in_channels, f[0], padding=padding)
-        self.down1 = EncoderBlock(f[0], f[1], padding)
-        self.down2 = EncoderBlock(f[1], f[2], padding)
-        self.down3 = EncoderBlock(f[2], f[3], padding)
-        self.down4 = EncoderBlock(f[3], f[4] // factor, padding)
-        self.up1 = DecoderBlock(f[4], f[3] // factor, bilinear, padding)
-        self.up2 = DecoderBlock(f[3], f[2] // factor, bilinear, padding)
-        self.up3 = DecoderBlock(f[2], f[1] // factor, bilinear, padding)
-        self.up4 = DecoderBlock(f[1], f[0], bilinear, padding)
-        self.outc = nn.Conv2d(f[0], num_classes, kernel_size=1)
+        self.inc = DoubleConv(in_channels, f[0], padding=padding, layers=layers)
+        self.down1 = EncoderBlock(f[0], f[1], padding, layers)
+        self.down2 = EncoderBlock(f[1], f[2], padding, layers)
+        self.down3 = EncoderBlock(f[2], f[3], padding, layers)
+        self.down4 = EncoderBlock(f[3], f[4] // factor, padding, layers)
+        below = f[4] // factor  # the widths meet the tutorial's when each level doubles
+        for level in range(1, DEPTH + 1):
+            skip = f[DEPTH - level]
+            out = skip // factor if level < DEPTH else skip
+            width = skip + below if bilinear else below
+            block = DecoderBlock(width, out, bilinear, padding, layers, skip_channels=skip)
+            setattr(self, f"up{level}", block)
+            below = out
+        self.outc = layers.conv(f[0], num_classes, kernel_size=1)
 
     def forward(self, x):
-        check_input(x, self.in_channels, self.padding)
+        check_input(x, self.in_channels, self.padding, spatial_dims=self.spatial_dims)
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)

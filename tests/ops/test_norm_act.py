@@ -33,15 +33,16 @@ def in_layout(x, name):
 def run(backend, y, norm, groups, act, slope, affine=True, track=True, training=True, seed=0):
     """(output, grad_y, grad_weight, grad_bias, running_mean, running_var) for one call."""
     g = torch.Generator().manual_seed(seed)
+    to = {"dtype": y.dtype, "device": y.device}
     c = y.shape[1]
     affine = affine and norm != "none"
     # drawn in float64 whatever y's dtype, so runs in different dtypes share the values
-    weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(y.dtype) if affine else None
-    bias = torch.randn(c, generator=g, dtype=torch.float64).to(y.dtype) if affine else None
+    weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(**to) if affine else None
+    bias = torch.randn(c, generator=g, dtype=torch.float64).to(**to) if affine else None
     stats = track and norm in ("batch", "instance")
-    running_mean = torch.randn(c, generator=g, dtype=torch.float64).to(y.dtype) if stats else None
+    running_mean = torch.randn(c, generator=g, dtype=torch.float64).to(**to) if stats else None
     running_var = (
-        (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(y.dtype) if stats else None
+        (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(**to) if stats else None
     )
     y = y.detach().requires_grad_()
     for t in (weight, bias):
@@ -62,7 +63,7 @@ def run(backend, y, norm, groups, act, slope, affine=True, track=True, training=
         groups=groups,
         backend=backend,
     )
-    probe = torch.randn(out.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    probe = torch.randn(out.shape, generator=g, dtype=torch.float64).to(**to)
     (out * probe).sum().backward()
     grads = [y.grad] + [t.grad for t in (weight, bias) if t is not None]
     return [out, *grads, *[t for t in (running_mean, running_var) if t is not None]]
@@ -195,8 +196,34 @@ def test_sizes_without_statistics_are_refused_like_pytorch():
         ops.norm_act(torch.randn(2, 4, 5), "instance")
 
 
-def test_triton_backend_says_it_has_no_kernels():
-    if not _backend.triton_runs_on(torch.device("cpu")):
-        pytest.skip("triton: not installed, or no GPU and TRITON_INTERPRET unset")
-    with pytest.raises(NotImplementedError, match="no Triton kernels"):
-        ops.norm_act(torch.randn(2, 4, 5, 5), "instance", backend="triton")
+needs_triton = pytest.mark.skipif(
+    not _backend.triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
+    reason="triton: not installed, or no GPU and TRITON_INTERPRET unset",
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("norm,groups", NORMS[:3])
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 4, 3, 4, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
+def test_triton_matches_reference(norm, groups, act, slope, shape, y_layout):
+    """The Triton kernels (through the interpreter without a GPU) in float32 against the
+    reference in float64: output, every gradient, running statistics, NaN propagation."""
+    y = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    y[1, 1, 0, 0] = float("nan")  # one plane of NaN: it must stay NaN where the reference's is
+    y = in_layout(y, y_layout)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = run("triton", y.float().to(device), norm, groups, act, slope)
+    want = run("reference", y, norm, groups, act, slope)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.isnan().cpu(), w.isnan())
+        assert_close(g.cpu().nan_to_num(0, 0, 0), w.float().nan_to_num(0, 0, 0), torch.float32)
+    if y_layout == "channels_last":
+        assert got[0].stride() == channels_last(got[0]).stride()
+
+
+@needs_triton
+def test_triton_refuses_float64():
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        ops.norm_act(torch.randn(2, 4, 5, 5, dtype=torch.float64), "instance", backend="triton")

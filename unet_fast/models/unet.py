@@ -21,23 +21,25 @@ class FusedModel:
         self.init_kwargs = dict(list(bound.arguments.items())[1:])
         return self
 
-    def finish(self):
-        """Fuses every Conv -> BN -> ReLU run and keeps 4-D weights channels_last (so their
-        gradients come out in the parameters' own layout). Call after adding modules."""
-        fuse(self, backend=self.backend)
-        self.to(memory_format=torch.channels_last)
+    def finish(self, spatial_dims: int = 2):
+        """Fuses every Conv -> Norm -> Act run (`fuse_report` says which) and keeps the weights
+        channels-last (so their gradients come out in the parameters' own layout). Call after
+        adding modules."""
+        self.fuse_report = fuse(self, backend=self.backend, report=True)[1]
+        self.channels_last = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+        self.to(memory_format=self.channels_last)
 
     def layout(self, x):
         """(x in the layout the network runs in, the memory format to return)."""
         fmt = torch._prims_common.suggest_memory_format(x)
         if (
             x.device.type == "cpu"
-            and fmt != torch.channels_last
+            and fmt != self.channels_last
             and _backend.resolve(self.backend, x.device, "conv_bn_relu") != "reference"
         ):
             # a copy, not .contiguous(): with one channel NCHW is already "channels_last
             # contiguous", keeps its NCHW strides, and every layer would then run in NCHW
-            x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+            x = torch.empty_like(x, memory_format=self.channels_last).copy_(x)
         return x, fmt
 
 
@@ -51,6 +53,9 @@ class UNet(FusedModel, reference.UNet):
         checkpointing: recompute the encoder blocks in backward instead of keeping their
             activations (the tutorial's MemoryEfficientUNet); running statistics are updated
             once per step all the same
+    spatial_dims, norm, act, features: as reference.UNet's (3-D volumes, InstanceNorm or
+        GroupNorm, LeakyReLU or PReLU); Conv -> Norm -> LeakyReLU / ReLU runs through
+        ops.norm_act, PReLU runs as written (see `fuse_report`)
     On the CPU the network runs internally in channels_last (oneDNN's fastest layout) and returns
     the memory format it was given.
     """
@@ -63,12 +68,26 @@ class UNet(FusedModel, reference.UNet):
         bilinear: bool = True,
         *,
         padding: str = "same",
+        spatial_dims: int = 2,
+        norm="batch",
+        act="relu",
+        features=None,
         backend: str = "auto",
         checkpointing: bool = False,
     ):
-        super().__init__(in_channels, num_classes, base_features, bilinear, padding=padding)
+        super().__init__(
+            in_channels,
+            num_classes,
+            base_features,
+            bilinear,
+            padding=padding,
+            spatial_dims=spatial_dims,
+            norm=norm,
+            act=act,
+            features=features,
+        )
         self.backend, self.checkpointing = backend, checkpointing
-        self.finish()
+        self.finish(spatial_dims)
 
     def encode(self, level: int, x, recipe=None):
         """Encoder level 0 (`inc`) or `down{level}` (pool, then double conv): (output, recipe).
@@ -93,14 +112,16 @@ class UNet(FusedModel, reference.UNet):
         """Decoder block `up{level}`: upsample x, join it with the skip, double conv."""
         block = getattr(self, f"up{level}")
         x = block.up(x)
-        size = skip.shape[-2:] if self.padding == "same" else x.shape[-2:]
+        size = skip.shape[2:] if self.padding == "same" else x.shape[2:]
         forward_joined = getattr(getattr(block.conv, "double_conv", None), "forward_joined", None)
         if forward_joined is not None:
             return forward_joined(skip, x, size, recipe)
+        if self.spatial_dims == 3:  # crop_concat's kernels are 2-D: volumes join with torch.cat
+            return block.conv(reference.crop_concat(skip, x, size))
         return block.conv(ops.crop_concat(skip, x, size, backend=self.backend))
 
     def forward(self, x):
-        reference.check_input(x, self.in_channels, self.padding)
+        reference.check_input(x, self.in_channels, self.padding, spatial_dims=self.spatial_dims)
         x, fmt = self.layout(x)
         skips = [self.encode(0, x)]
         for level in range(1, 5):

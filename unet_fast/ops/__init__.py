@@ -8,6 +8,7 @@ from .conv_bn_relu import triton_kernels as _triton_conv_bn_relu
 from .crop_concat import crop_concat
 from .crop_concat import triton_kernels as _triton_crop_concat
 from .norm_act import norm_act
+from .norm_act import triton_kernels as _triton_norm_act
 
 __all__ = [
     "batch_norm_relu",
@@ -25,5 +26,10 @@ __all__ = [
 def load_triton() -> None:
     """Imports every Triton op now (registering them and their autograd) rather than on first
     use; set TRITON_INTERPRET=1 before, to run them on the CPU."""
-    for load in (_triton_conv_bias_relu, _triton_conv_bn_relu, _triton_crop_concat):
+    for load in (
+        _triton_conv_bias_relu,
+        _triton_conv_bn_relu,
+        _triton_crop_concat,
+        _triton_norm_act,
+    ):
         load()

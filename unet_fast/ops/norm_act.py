@@ -19,6 +19,18 @@ from ._checks import FLOATING, check_channel_vectors
 Tensor = torch.Tensor
 NORMS = ("batch", "instance", "group", "none")
 ACTS = ("relu", "leaky_relu", "identity")
+_triton_kernels = None
+
+
+def triton_kernels():
+    """unet_fast.triton.norm_act, imported (kernels decorated, autograd registered) on first use."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        from ..triton import norm_act as kernels
+
+        kernels.norm_act.register_autograd(_triton_backward, setup_context=_setup_context)
+        _triton_kernels = kernels
+    return _triton_kernels
 
 
 def norm_act(
@@ -50,15 +62,15 @@ def norm_act(
     chosen = _backend.resolve(backend, y.device, "norm_act")
     if chosen == "reference" or norm == "none" or not batch_stats:
         return reference.norm_act(*args, act, negative_slope)
-    if chosen == "triton":
-        raise NotImplementedError(
-            "norm_act has no Triton kernels yet: use backend='cpu' or 'reference'"
-        )
     kernel_groups = 0 if norm == "batch" else (y.shape[1] if norm == "instance" else groups)
     slope = negative_slope if act == "leaky_relu" else 0.0
-    out, mean, _, var = torch.ops.unet_fast.norm_act(
-        y, kernel_groups, weight, bias, eps, act, slope
-    )
+    if chosen == "triton":
+        kernels = triton_kernels()
+        kernels.check_dtype(y)
+        kernel = kernels.norm_act
+    else:
+        kernel = torch.ops.unet_fast.norm_act
+    out, mean, _, var = kernel(y, kernel_groups, weight, bias, eps, act, slope)
     if norm == "batch":
         update_running_stats(running_mean, running_var, mean, var, momentum, y[:, 0].numel())
     elif running_mean is not None or running_var is not None:
@@ -127,11 +139,11 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_out, *_):
+def _backward(ctx, grad_out, *_, kernel=None):
     y, weight, bias, mean, invstd = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 7
-    grad_y, grad_weight, grad_bias = torch.ops.unet_fast.norm_act_backward(
+    grad_y, grad_weight, grad_bias = (kernel or torch.ops.unet_fast.norm_act_backward)(
         grad_out, y, ctx.groups, weight, bias, mean, invstd, ctx.act, ctx.slope
     )
     return (
@@ -143,6 +155,10 @@ def _backward(ctx, grad_out, *_):
         None,
         None,
     )
+
+
+def _triton_backward(ctx, grad_out, *rest):
+    return _backward(ctx, grad_out, *rest, kernel=_triton_kernels.norm_act_backward)
 
 
 if _backend.EXTENSION_ERROR is None:

@@ -46,6 +46,27 @@ def _tile(
 
 
 @triton.jit
+def _activate(pre, SLOPE, ACT: tl.constexpr):
+    """ReLU keeping NaN (as F.relu), LeakyReLU, or nothing."""
+    if ACT == 0:
+        return tl.where((pre > 0) | (pre != pre), pre, 0.0)
+    if ACT == 1:
+        return tl.where(pre > 0, pre, pre * SLOPE)
+    return pre
+
+
+@triton.jit
+def _mask(pre, dy, SLOPE, ACT: tl.constexpr):
+    """The activation's derivative applied to dy: F.relu's (dy passes unless pre <= 0, so NaN
+    passes it), F.leaky_relu's (pre > 0 ? dy : dy * slope), or dy."""
+    if ACT == 0:
+        return tl.where(pre <= 0, 0.0, dy)
+    if ACT == 1:
+        return tl.where(pre > 0, dy, dy * SLOPE)
+    return dy
+
+
+@triton.jit
 def channel_sums_kernel(
     y_ptr,  # (N, C, H, W) activation, dense in its memory format
     dy_ptr,  # gradient, same shape and layout (read only when BACKWARD)
@@ -60,6 +81,8 @@ def channel_sums_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     CHANNELS_LAST: tl.constexpr,
     BACKWARD: tl.constexpr,  # forward: a = y - y[first], b = a^2; backward: a = m dy, b = m dy (y - mean)
+    SLOPE,  # LeakyReLU's negative slope
+    ACT: tl.constexpr,  # the activation whose mask m is: 0 ReLU, 1 LeakyReLU, 2 none
 ):
     part = tl.program_id(0)
     parts = tl.num_programs(0)
@@ -82,7 +105,7 @@ def channel_sums_kernel(
         y = tl.load(y_ptr + offset, mask=ok, other=0.0).to(tl.float32)
         if BACKWARD:
             dy = tl.load(dy_ptr + offset, mask=ok, other=0.0).to(tl.float32)
-            a = tl.where(ok & ~(y * scale[None, :] + shift[None, :] <= 0), dy, 0.0)  # F.relu's mask
+            a = tl.where(ok, _mask(y * scale[None, :] + shift[None, :], dy, SLOPE, ACT), 0.0)
             acc_a += a
             acc_b += a * (y - center[None, :])
         else:
@@ -107,7 +130,9 @@ def channel_map_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    BACKWARD: tl.constexpr,  # forward: relu(y scale + shift); backward: m dy gain + slope y + offset
+    BACKWARD: tl.constexpr,  # forward: act(y scale + shift); backward: m dy gain + slope y + offset
+    SLOPE,
+    ACT: tl.constexpr,  # as channel_sums_kernel's
 ):
     begin, end, c, base, row_stride, c_offset = _tile(
         tl.program_id(0), tl.program_id(1), C, HW, PIXELS, CHUNK, HW_PARTS, BLOCK_C, CHANNELS_LAST
@@ -124,9 +149,9 @@ def channel_map_kernel(
         gain = tl.load(coef_ptr + 2 * C + c, mask=c_ok, other=0.0)[None, :]
         slope = tl.load(coef_ptr + 3 * C + c, mask=c_ok, other=0.0)[None, :]
         shift = tl.load(coef_ptr + 4 * C + c, mask=c_ok, other=0.0)[None, :]
-        result = tl.where(pre <= 0, 0.0, dy * gain) + slope * y + shift  # NaN passes, as F.relu
+        result = _mask(pre, dy, SLOPE, ACT) * gain + slope * y + shift
     else:
-        result = tl.where((pre > 0) | (pre != pre), pre, 0.0)  # ReLU that keeps NaN, as F.relu
+        result = _activate(pre, SLOPE, ACT)
     tl.store(out_ptr + offset, result.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -158,7 +183,7 @@ def _tiling(y: Tensor, channels_last: bool, spread: Optional[int] = None):
     return block_p, block_c, grid, chunk, parts
 
 
-def channel_sums(y, dy, coef, channels_last: bool, backward: bool):
+def channel_sums(y, dy, coef, channels_last: bool, backward: bool, act: int = 0, slope=0.0):
     """(2, C) float64 sums (see channel_sums_kernel), about 64 programs per channel block."""
     n, c, h, w = y.shape
     spread = 64 if channels_last else max(1, 64 // n)
@@ -178,11 +203,13 @@ def channel_sums(y, dy, coef, channels_last: bool, backward: bool):
         BLOCK_C=block_c,
         CHANNELS_LAST=channels_last,
         BACKWARD=backward,
+        SLOPE=slope,
+        ACT=act,
     )
     return partial.double().sum(-1)  # float64 across programs
 
 
-def channel_map(out, y, dy, coef, channels_last: bool, backward: bool):
+def channel_map(out, y, dy, coef, channels_last: bool, backward: bool, act: int = 0, slope=0.0):
     n, c, h, w = y.shape
     block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last)
     wrap_triton(channel_map_kernel)[grid](
@@ -199,5 +226,7 @@ def channel_map(out, y, dy, coef, channels_last: bool, backward: bool):
         BLOCK_C=block_c,
         CHANNELS_LAST=channels_last,
         BACKWARD=backward,
+        SLOPE=slope,
+        ACT=act,
     )
     return out

@@ -104,3 +104,20 @@ def test_bench_compile_times_compiled_tutorial_and_ours(tmp_path, capsys):
     for key in ("inference_output_diff", "train_output_diff", "gradient_diff"):
         assert run[f"{key}_compiled_default"][2]  # compiled ours within tolerance
     assert png.stat().st_size > 0
+
+
+def test_bench_model_times_a_network_against_fuse_of_it(tmp_path, capsys):
+    pytest.importorskip("dynamic_network_architectures")
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--model", "nnunet-2d", "--size", "64", "--batch", "2", "--rounds", "1"]
+    assert (
+        cli.main([*argv, "--warmup", "0", "--dtype", "float32", "--quiet", "--json", str(path)])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "nnunet-2d, input 2x1x64x64" in text and "unet_fast.fuse()" in text
+    assert "vs orig CL" in text
+    (run,) = json.loads(path.read_text())["runs"]
+    for name in ("baseline", "baseline_channels_last", "candidate"):
+        assert run[f"{name}_train_images_per_s"] > 0 and run[f"{name}_saved_bytes"] > 0
+    assert run["gradient_diff"][2] and run["train_output_diff"][2]

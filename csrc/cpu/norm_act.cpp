@@ -85,6 +85,20 @@ std::vector<A> per_plane(const Layout& l, const std::function<A(int64_t n, int64
   return out;
 }
 
+// Per-plane mean, scale = gamma * invstd and beta: the pre-activation is (y - mean) * scale +
+// beta, centred so that a tiny variance (a huge scale) cancels nothing.
+template <typename A>
+struct Coefficients {
+  std::vector<A> mean, scale, beta;
+  Coefficients(const Layout& l, const A* m, const A* is, const std::vector<double>& gamma,
+               const std::vector<double>& b)
+      : mean(per_plane<A>(l, [&](int64_t n, int64_t c) { return m[l.unit_of(n, c)]; })),
+        scale(per_plane<A>(
+            l,
+            [&](int64_t n, int64_t c) { return static_cast<A>(gamma[c] * is[l.unit_of(n, c)]); })),
+        beta(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(b[c]); })) {}
+};
+
 // Per-plane sums of op(y, dy, coefficients), reduced to units.
 template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
 std::pair<std::vector<double>, std::vector<double>> unit_sums(
@@ -116,7 +130,7 @@ void plane_map(const Layout& l, scalar_t* out, const scalar_t* y, const scalar_t
   });
 }
 
-// The activation of a = y * scale + shift, and its mask applied to d: F.relu's (the gradient
+// The activation of the pre-activation a, and its mask applied to d: F.relu's (the gradient
 // passes unless a <= 0, so NaN passes it) and F.leaky_relu's (a > 0 ? d : d * slope).
 template <typename T>
 T activate(Act act, T a, T slope) {
@@ -194,25 +208,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
     A* is = invstd.data_ptr<A>();
     cpu::finish_moments<A>(sum, sum_sq, unit_first.data(), l.units(), count, eps, m, is,
                            unbiased_var.data_ptr<A>());
-    const auto scale = per_plane<A>(
-        l, [&](int64_t n, int64_t c) { return static_cast<A>(gamma[c] * is[l.unit_of(n, c)]); });
-    const auto shift = per_plane<A>(l, [&](int64_t n, int64_t c) {
-      return static_cast<A>(beta[c] - double(m[l.unit_of(n, c)]) * gamma[c] * is[l.unit_of(n, c)]);
-    });
+    const Coefficients<A> k(l, m, is, gamma, beta);
     const A s = static_cast<A>(slope);
-    plane_map<scalar_t, 2>(
-        l, out.data_ptr<scalar_t>(), yp, nullptr, {scale.data(), shift.data()},
-        [act, s](V v, V, const std::array<V, 2>& k) {
-          return activate_vec(act, v * k[0] + k[1], V(s));
+    plane_map<scalar_t, 3>(
+        l, out.data_ptr<scalar_t>(), yp, nullptr, {k.mean.data(), k.scale.data(), k.beta.data()},
+        [act, s](V v, V, const std::array<V, 3>& k) {
+          return activate_vec(act, (v - k[0]) * k[1] + k[2], V(s));
         },
-        [act, s](A v, A, const std::array<A, 2>& k) { return activate(act, v * k[0] + k[1], s); });
+        [act, s](A v, A, const std::array<A, 3>& k) {
+          return activate(act, (v - k[0]) * k[1] + k[2], s);
+        });
   });
   return {out, mean, invstd, unbiased_var};
 }
 
 // With gz = the activation's mask applied to grad_out, k = gamma * invstd and n values per unit:
 // grad_y = k*gz - invstd * (sum over the unit of gamma*gz)/n - invstd * xhat * (sum of
-// gamma*gz*xhat)/n, xhat = (y - mean) * invstd; written as k*gz + a*y + b per plane.
+// gamma*gz*xhat)/n, xhat = (y - mean) * invstd; written as k*gz + a*(y - mean) + b per plane
+// (centred: a*y + b' would cancel catastrophically where the variance is tiny and a huge).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& y_in, int64_t groups, const Optional& weight,
     const Optional& bias, const at::Tensor& mean_in, const at::Tensor& invstd_in,
@@ -242,25 +255,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
       const A* m = mean.const_data_ptr<A>();
       const A* is = invstd.const_data_ptr<A>();
       auto unit = [&](int64_t n, int64_t c) { return l.unit_of(n, c); };
-      const auto scale = per_plane<A>(
-          l, [&](int64_t n, int64_t c) { return static_cast<A>(gamma[c] * is[unit(n, c)]); });
-      const auto shift = per_plane<A>(l, [&](int64_t n, int64_t c) {
-        return static_cast<A>(beta[c] - double(m[unit(n, c)]) * gamma[c] * is[unit(n, c)]);
-      });
-      const auto plane_mean = per_plane<A>(l, [&](int64_t n, int64_t c) { return m[unit(n, c)]; });
+      const Coefficients<A> k(l, m, is, gamma, beta);
       const A s = static_cast<A>(slope);
       // per-plane sums (not per unit: the affine gradients are per channel)
       Layout planes = l;
       planes.groups = l.C;  // one unit per (sample, channel)
       auto [sum_dy, sum_dy_xmu] = unit_sums<scalar_t, 3>(
-          planes, yp, dyp, {scale.data(), shift.data(), plane_mean.data()},
+          planes, yp, dyp, {k.mean.data(), k.scale.data(), k.beta.data()},
           [act, s](V v, V d, const std::array<V, 3>& k) {
-            const V masked = mask_vec(act, v * k[0] + k[1], d, V(s));
-            return std::pair{masked, masked * (v - k[2])};
+            const V masked = mask_vec(act, (v - k[0]) * k[1] + k[2], d, V(s));
+            return std::pair{masked, masked * (v - k[0])};
           },
           [act, s](A v, A d, const std::array<A, 3>& k) {
-            const A masked = mask(act, v * k[0] + k[1], d, s);
-            return std::pair{masked, masked * (v - k[2])};
+            const A masked = mask(act, (v - k[0]) * k[1] + k[2], d, s);
+            return std::pair{masked, masked * (v - k[0])};
           });
       std::vector<double> unit_dy(l.units(), 0.0), unit_dy_xmu(l.units(), 0.0);
       double* gw = grad_weight.data_ptr<double>();
@@ -283,17 +291,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
           const double a = -inv * inv * inv * unit_dy_xmu[u] / count;
           gain[p] = static_cast<A>(gamma[c] * inv);
           slope_y[p] = static_cast<A>(a);
-          offset[p] = static_cast<A>(-inv * unit_dy[u] / count - a * m[u]);
+          offset[p] = static_cast<A>(-inv * unit_dy[u] / count);
         }
       }
-      plane_map<scalar_t, 5>(
+      plane_map<scalar_t, 6>(
           l, grad_y.data_ptr<scalar_t>(), yp, dyp,
-          {scale.data(), shift.data(), gain.data(), slope_y.data(), offset.data()},
-          [act, s](V v, V d, const std::array<V, 5>& k) {
-            return mask_vec(act, v * k[0] + k[1], d, V(s)) * k[2] + v * k[3] + k[4];
+          {k.mean.data(), k.scale.data(), k.beta.data(), gain.data(), slope_y.data(),
+           offset.data()},
+          [act, s](V v, V d, const std::array<V, 6>& k) {
+            const V centred = v - k[0];
+            return mask_vec(act, centred * k[1] + k[2], d, V(s)) * k[3] + centred * k[4] + k[5];
           },
-          [act, s](A v, A d, const std::array<A, 5>& k) {
-            return mask(act, v * k[0] + k[1], d, s) * k[2] + v * k[3] + k[4];
+          [act, s](A v, A d, const std::array<A, 6>& k) {
+            const A centred = v - k[0];
+            return mask(act, centred * k[1] + k[2], d, s) * k[3] + centred * k[4] + k[5];
           });
     });
   }

@@ -121,7 +121,7 @@ def channel_map_kernel(
     out_ptr,  # output, same shape and layout as y
     y_ptr,  # (N, C, H, W) activation, dense in its memory format
     dy_ptr,  # gradient, same layout (read only when BACKWARD)
-    coef_ptr,  # float32 (5, C): scale, shift, then (backward) gain, slope, offset
+    coef_ptr,  # float32 (2 or 6, C): scale, shift, then (backward) gain, slope, offset, center
     C,
     HW,
     PIXELS,
@@ -130,7 +130,7 @@ def channel_map_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
-    BACKWARD: tl.constexpr,  # forward: act(y scale + shift); backward: m dy gain + slope y + offset
+    BACKWARD: tl.constexpr,  # forward: act(y scale + shift); else m dy gain + slope (y - center) + offset
     SLOPE,
     ACT: tl.constexpr,  # as channel_sums_kernel's
 ):
@@ -148,8 +148,10 @@ def channel_map_kernel(
         dy = tl.load(dy_ptr + offset, mask=ok, other=0.0).to(tl.float32)
         gain = tl.load(coef_ptr + 2 * C + c, mask=c_ok, other=0.0)[None, :]
         slope = tl.load(coef_ptr + 3 * C + c, mask=c_ok, other=0.0)[None, :]
-        shift = tl.load(coef_ptr + 4 * C + c, mask=c_ok, other=0.0)[None, :]
-        result = _mask(pre, dy, SLOPE, ACT) * gain + slope * y + shift
+        constant = tl.load(coef_ptr + 4 * C + c, mask=c_ok, other=0.0)[None, :]
+        center = tl.load(coef_ptr + 5 * C + c, mask=c_ok, other=0.0)[None, :]
+        # centred: slope * y + constant would cancel where the variance is tiny and slope huge
+        result = _mask(pre, dy, SLOPE, ACT) * gain + slope * (y - center) + constant
     else:
         result = _activate(pre, SLOPE, ACT)
     tl.store(out_ptr + offset, result.to(out_ptr.dtype.element_ty), mask=ok)

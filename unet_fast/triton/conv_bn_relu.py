@@ -46,7 +46,7 @@ def batch_norm_relu_backward(
     mean: Tensor,
     invstd: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_y, grad_weight, grad_bias), as the C++ kernel: grad_y = m dy k + a y + b."""
+    """(grad_y, grad_weight, grad_bias): grad_y = m dy k + a (y - mean) + b."""
     y, channels_last = dense(y)
     dy = grad_out.to(y.dtype).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
@@ -60,8 +60,8 @@ def batch_norm_relu_backward(
     )
     gain = scale
     slope = -gain * invstd * invstd * sums[1] / count
-    offset = -gain * sums[0] / count - slope * mean
-    coef = torch.stack([scale, shift, gain, slope, offset]).float().contiguous()
+    offset = -gain * sums[0] / count
+    coef = torch.stack([scale, shift, gain, slope, offset, mean]).float().contiguous()
     grad_y = channel_map(torch.empty_like(y), y, dy, coef, channels_last, backward=True)
     dtype = weight.dtype if weight is not None else torch.float32
     return grad_y, (sums[1] * invstd).to(dtype), sums[0].to(dtype)

@@ -130,7 +130,8 @@ def norm_act_backward(
     act: str,
     slope: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_y, grad_weight, grad_bias) as the C++ kernel: grad_y = m dy k + a y + b per plane."""
+    """(grad_y, grad_weight, grad_bias) as the C++ kernel: grad_y = m dy k + a (y - mean) + b per
+    plane."""
     y, channels_last = _layout(y)
     dy = grad_out.to(y.dtype).contiguous(memory_format=torch._prims_common.suggest_memory_format(y))
     n, c = y.shape[:2]
@@ -151,8 +152,8 @@ def norm_act_backward(
     unit_dy_xmu = torch.zeros_like(unit_dy).index_add_(0, unit, gamma * sums[1])
     inv = invstd[unit]
     a = -(inv**3) * unit_dy_xmu[unit] / count
-    b = -inv * unit_dy[unit] / count - a * mean[unit]
-    coef = torch.stack([scale, shift, gamma * inv, a, b]).float()
+    b = -inv * unit_dy[unit] / count
+    coef = torch.stack([scale, shift, gamma * inv, a, b, mean[unit]]).float()
     grad_y = _plane_map(torch.empty_like(y), y, dy, coef, channels_last, True, act, slope)
     grad_weight = (sums[1] * inv).view(n, c).sum(0)
     grad_bias = sums[0].view(n, c).sum(0)

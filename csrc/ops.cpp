@@ -82,6 +82,12 @@ TORCH_LIBRARY(unet_fast, m) {
       "norm_act(Tensor y, int groups, Tensor? weight, Tensor? bias, float eps, str act, "
       "float slope) -> (Tensor, Tensor, Tensor, Tensor)",
       kExactStrides);
+  // act(norm(y)) with given per-unit statistics (mean, invstd as norm_act returns them): the
+  // activation a chain of layers rebuilds in backward instead of keeping it.
+  m.def(
+      "norm_act_apply(Tensor y, int groups, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, str act, float slope) -> Tensor",
+      kExactStrides);
   // (grad_y, grad_weight, grad_bias) of norm_act; the activation's mask is recomputed from y.
   m.def(
       "norm_act_backward(Tensor grad_out, Tensor y, int groups, Tensor? weight, Tensor? bias, "

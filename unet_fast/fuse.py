@@ -3,7 +3,7 @@
 from torch import nn
 
 from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, runs
-from .nn.conv_norm_act import FusedConvNormAct, describe, find_runs, plain_sequential
+from .nn.conv_norm_act import FusedConvNormAct, describe, find_runs, leaves, plain_sequential
 
 
 class FuseReport:
@@ -29,7 +29,7 @@ def _fused(seq: nn.Sequential, backend: str):
                 return cls.from_modules(*seq, backend=backend), "Conv2d -> BatchNorm2d -> ReLU"
             except ValueError:  # not that structure
                 continue
-    found, reasons = find_runs(list(seq))
+    found, reasons = find_runs(leaves(seq))
     if found:
         return FusedConvNormAct.from_sequential(seq, backend), "; ".join(map(describe, found))
     return None, "; ".join(reasons)
@@ -48,6 +48,8 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     """
     done = FuseReport()
     for name, module in list(model.named_modules()):
+        if any(name == f or name.startswith(f + ".") for f in done.fused):
+            continue  # inside a module fused already (its runs include this one's)
         for child_name, child in list(module.named_children()):
             if not plain_sequential(child):
                 continue

@@ -172,6 +172,47 @@ void check_param(const char* op, const char* name, const Optional& t, int64_t C)
     TORCH_CHECK(t->numel() == C, op, ": ", name, " must have ", C, " elements, got ", t->numel());
 }
 
+// out = act((y - mean) * gamma * invstd + beta) per plane, with per-unit statistics.
+void apply(at::Tensor& out, const at::Tensor& y, const Layout& l, const at::Tensor& mean,
+           const at::Tensor& invstd, const std::vector<double>& gamma,
+           const std::vector<double>& beta, Act act, double slope) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_apply", [&] {
+    using V = Vec<scalar_t>;
+    using A = acc<scalar_t>;
+    const Coefficients<A> k(l, mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), gamma, beta);
+    const A s = static_cast<A>(slope);
+    plane_map<scalar_t, 3>(
+        l, out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), nullptr,
+        {k.mean.data(), k.scale.data(), k.beta.data()},
+        [act, s](V v, V, const std::array<V, 3>& k) {
+          return activate_vec(act, (v - k[0]) * k[1] + k[2], V(s));
+        },
+        [act, s](A v, A, const std::array<A, 3>& k) {
+          return activate(act, (v - k[0]) * k[1] + k[2], s);
+        });
+  });
+}
+
+at::Tensor norm_act_apply_cpu(const at::Tensor& y_in, int64_t groups, const Optional& weight,
+                              const Optional& bias, const at::Tensor& mean_in,
+                              const at::Tensor& invstd_in, c10::string_view act_name,
+                              double slope) {
+  const Act act = parse_act(std::string(act_name));
+  const auto format = format_of(y_in);
+  const at::Tensor y = y_in.contiguous(format);
+  const Layout l = layout_of("norm_act_apply", y, groups);
+  const auto acc_type = at::toOpMathType(y.scalar_type());
+  const at::Tensor mean = mean_in.to(acc_type).contiguous(),
+                   invstd = invstd_in.to(acc_type).contiguous();
+  TORCH_CHECK(mean.numel() == l.units() && invstd.numel() == l.units(), "norm_act_apply: expected ",
+              l.units(), " statistics, got ", mean.numel());
+  at::Tensor out = at::empty_like(y, format);
+  if (y.numel() > 0)
+    apply(out, y, l, mean, invstd, per_channel(weight, l.C, 1.0), per_channel(bias, l.C, 0.0), act,
+          slope);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
     const at::Tensor& y_in, int64_t groups, const Optional& weight, const Optional& bias,
     double eps, c10::string_view act_name, double slope) {
@@ -192,7 +233,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
   if (y.numel() == 0) return {out, mean, invstd, unbiased_var};
   const auto gamma = per_channel(weight, l.C, 1.0), beta = per_channel(bias, l.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act", [&] {
-    using V = Vec<scalar_t>;
     using A = acc<scalar_t>;
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     // each unit's first value shifts its sums (cpu::ShiftedMoments)
@@ -204,21 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
         per_plane<A>(l, [&](int64_t n, int64_t c) { return unit_first[l.unit_of(n, c)]; });
     const cpu::ShiftedMoments<scalar_t> moments;
     auto [sum, sum_sq] = unit_sums<scalar_t, 1>(l, yp, nullptr, {first.data()}, moments, moments);
-    A* m = mean.data_ptr<A>();
-    A* is = invstd.data_ptr<A>();
-    cpu::finish_moments<A>(sum, sum_sq, unit_first.data(), l.units(), count, eps, m, is,
-                           unbiased_var.data_ptr<A>());
-    const Coefficients<A> k(l, m, is, gamma, beta);
-    const A s = static_cast<A>(slope);
-    plane_map<scalar_t, 3>(
-        l, out.data_ptr<scalar_t>(), yp, nullptr, {k.mean.data(), k.scale.data(), k.beta.data()},
-        [act, s](V v, V, const std::array<V, 3>& k) {
-          return activate_vec(act, (v - k[0]) * k[1] + k[2], V(s));
-        },
-        [act, s](A v, A, const std::array<A, 3>& k) {
-          return activate(act, (v - k[0]) * k[1] + k[2], s);
-        });
+    cpu::finish_moments<A>(sum, sum_sq, unit_first.data(), l.units(), count, eps,
+                           mean.data_ptr<A>(), invstd.data_ptr<A>(), unbiased_var.data_ptr<A>());
   });
+  apply(out, y, l, mean, invstd, gamma, beta, act, slope);
   return {out, mean, invstd, unbiased_var};
 }
 
@@ -319,4 +348,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
 TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
   m.impl("norm_act", &unet_fast::norm_act_cpu);
   m.impl("norm_act_backward", &unet_fast::norm_act_backward_cpu);
+  m.impl("norm_act_apply", &unet_fast::norm_act_apply_cpu);
 }

@@ -1,20 +1,24 @@
 """FusedConvNormAct: an nn.Sequential whose Conv -> Norm -> Act runs normalise and activate in
 one op (ops.norm_act) after the convolution; the blocks of nnU-Net, MONAI and most U-Nets.
 
-A run is a Conv2d/Conv3d (any stride, padding, dilation, groups: the module itself runs), then
-BatchNorm, InstanceNorm or GroupNorm of its width, then ReLU, LeakyReLU or nothing, with Dropout
-anywhere after the conv; a child that is a plain Sequential of norm, dropout and activation
-(MONAI's ADN) counts as the run's tail. A run whose dropout is active (training with p > 0),
-or whose norm follows the activation, runs as written. Children, names and state_dict keys are
-the Sequential's own.
+A run is a Conv2d/Conv3d (any stride, padding, dilation, groups), then BatchNorm, InstanceNorm
+or GroupNorm of its width, then ReLU, LeakyReLU or nothing, with Dropout anywhere after the conv.
+Runs are found among the Sequential's leaves: children that are plain Sequentials (MONAI's
+Convolution and its ADN, TwoConv) or nnU-Net's ConvDropoutNormReLU (whose forward runs its
+all_modules) are looked into. Consecutive runs trained with batch statistics form a chain
+(ops.conv_norm_act_chain) that keeps each conv output and rebuilds the activations between them
+in backward. A run whose dropout is active (training with p > 0) runs as written, and so does
+anything else. Children, names and state_dict keys are the Sequential's own.
 """
 
 from collections import OrderedDict
 from typing import NamedTuple, Optional
 
+import torch
 from torch import nn
 
 from .. import _backend, ops
+from ..ops.conv_norm_act import Layer, conv_norm_act_chain
 from .conv_bn_relu import batch_norm_mode
 
 CONVS = (nn.Conv2d, nn.Conv3d)
@@ -40,6 +44,27 @@ class Run(NamedTuple):
 
 def plain_sequential(module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+# Modules whose forward is `return self.all_modules(x)` (a plain Sequential), by qualified name.
+RUNS_ALL_MODULES = (
+    "dynamic_network_architectures.building_blocks.simple_conv_blocks.ConvDropoutNormReLU",
+)
+
+
+def leaves(seq: nn.Sequential) -> list:
+    """The modules a Sequential's forward calls in order, looking into children that are plain
+    Sequentials or modules of RUNS_ALL_MODULES."""
+    found = []
+    for child in seq:
+        kind = type(child)
+        if f"{kind.__module__}.{kind.__qualname__}" in RUNS_ALL_MODULES:
+            found += leaves(child.all_modules)
+        elif plain_sequential(child):
+            found += leaves(child)
+        else:
+            found.append(child)
+    return found
 
 
 def tail(modules) -> tuple:
@@ -68,26 +93,17 @@ def tail(modules) -> tuple:
 
 
 def find_runs(children) -> tuple:
-    """(runs, reasons): the fusable runs, and why each other conv was left as it is."""
+    """(runs, reasons): the fusable runs among a list of leaves, and why each other conv was
+    left as it is."""
     runs, reasons, i = [], [], 0
     while i < len(children):
         conv = children[i]
         if type(conv) not in CONVS:
             i += 1
             continue
-        rest, nested = children[i + 1 :], False
-        if (
-            rest
-            and plain_sequential(rest[0])
-            and all(
-                type(m) in NORMS or type(m) in ACTS or type(m) in (*DROPOUTS, nn.PReLU)
-                for m in rest[0]
-            )
-        ):
-            rest, nested = list(rest[0]), True  # MONAI's Convolution: conv, then ADN
-        found = tail(rest)
+        found = tail(children[i + 1 :])
         if found[0] is None:
-            reasons.append(f"child {i} ({type(conv).__name__}): {found[1]}")
+            reasons.append(f"{type(conv).__name__} {i}: {found[1]}")
             i += 1
             continue
         norm, act, dropouts, used = found
@@ -96,34 +112,40 @@ def find_runs(children) -> tuple:
         if channels != conv.out_channels or (
             not isinstance(norm, nn.GroupNorm) and f"{dims}d" not in type(norm).__name__
         ):
-            reasons.append(f"child {i}: {type(norm).__name__} does not match {conv}")
+            reasons.append(f"{type(conv).__name__} {i}: {type(norm).__name__} does not match it")
             i += 1
             continue
-        if nested and used != len(rest):
-            reasons.append(f"child {i}: its norm/activation block holds more than one run")
-            i += 1
-            continue
-        length = 2 if nested else 1 + used
+        length = 1 + used
         runs.append(Run(i, length, conv, norm, act, dropouts))
         i += length
     return runs, reasons
 
 
-def norm_act_forward(y, norm, act, backend):
-    """norm then act on the conv output y through ops.norm_act, as the modules compute it."""
+def norm_mode(norm) -> tuple:
+    """(kind, GroupNorm's groups, batch statistics?, running_mean, running_var, momentum) as the
+    norm module's forward decides them (BatchNorm also counts the batch)."""
     kind = NORMS[type(norm)]
-    groups, running_mean, running_var = None, None, None
     if kind == "batch":
         batch_stats, running_mean, running_var, momentum = batch_norm_mode(norm)
-    elif kind == "instance":
-        batch_stats = norm.training or not norm.track_running_stats
-        if norm.track_running_stats:
-            running_mean, running_var = norm.running_mean, norm.running_var
+        return kind, None, batch_stats, running_mean, running_var, momentum
+    if kind == "instance":
+        tracking = norm.track_running_stats
         momentum = 0.0 if norm.momentum is None else norm.momentum
-    else:
-        batch_stats, groups, momentum = True, norm.num_groups, 0.0
+        stats = (norm.running_mean, norm.running_var) if tracking else (None, None)
+        return kind, None, norm.training or not tracking, *stats, momentum
+    return kind, norm.num_groups, True, None, None, 0.0
+
+
+def activation(act) -> tuple:
+    """(name, negative slope) of an activation module (None: identity)."""
     name = ACTS[type(act)] if act is not None else "identity"
-    slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
+    return name, act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
+
+
+def norm_act_forward(y, norm, act, backend):
+    """norm then act on the conv output y through ops.norm_act, as the modules compute it."""
+    kind, groups, batch_stats, running_mean, running_var, momentum = norm_mode(norm)
+    name, slope = activation(act)
     return ops.norm_act(
         y,
         kind,
@@ -141,6 +163,54 @@ def norm_act_forward(y, norm, act, backend):
     )
 
 
+def layer_forward(y, layer: Layer, backend):
+    """A chain layer's norm then act on its conv output y (batch statistics)."""
+    return ops.norm_act(
+        y,
+        layer.norm,
+        layer.norm_weight,
+        layer.norm_bias,
+        layer.running_mean,
+        layer.running_var,
+        True,
+        layer.momentum,
+        layer.eps,
+        layer.act,
+        layer.negative_slope,
+        groups=layer.groups,
+        backend=backend,
+    )
+
+
+def chain_layer(run: Run) -> Optional[Layer]:
+    """The run as one layer of ops.conv_norm_act_chain, or None when it cannot be one (running
+    statistics in use, a padding mode or string padding the op does not take). Decides the
+    norm's mode, so call it once per forward (a training BatchNorm counts the batch)."""
+    conv = run.conv
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    kind, groups, batch_stats, running_mean, running_var, momentum = norm_mode(run.norm)
+    if not batch_stats:
+        return None
+    return Layer(
+        conv.weight,
+        conv.bias,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        kind,
+        groups,
+        run.norm.weight,
+        run.norm.bias,
+        running_mean,
+        running_var,
+        momentum,
+        run.norm.eps,
+        *activation(run.act),
+    )
+
+
 class FusedConvNormAct(nn.Sequential):
     """A Sequential whose Conv -> Norm -> Act runs go through ops.norm_act; other children run
     as they are."""
@@ -148,7 +218,7 @@ class FusedConvNormAct(nn.Sequential):
     def __init__(self, modules: "OrderedDict[str, nn.Module]", *, backend: str = "auto"):
         super().__init__(modules)
         self.backend = backend
-        self.runs, self.left = find_runs(list(self))
+        self.runs, self.left = find_runs(leaves(self))
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, backend: str = "auto"):
@@ -160,16 +230,35 @@ class FusedConvNormAct(nn.Sequential):
     def forward(self, x):
         if _backend.resolve(self.backend, x.device, "norm_act") == "reference":
             return super().forward(x)
-        children, starts, i = list(self), {run.start: run for run in self.runs}, 0
-        while i < len(children):
+        modules, starts, i = leaves(self), {run.start: run for run in self.runs}, 0
+        while i < len(modules):
             run = starts.get(i)
             if run is None or any(d.training and d.p > 0 for d in run.dropouts):
-                x = children[i](x)  # not a run, or dropout in play: as written
+                x = modules[i](x)  # not a run, or dropout in play: as written
                 i += 1
                 continue
-            x = norm_act_forward(run.conv(x), run.norm, run.act, self.backend)
-            i += run.length
+            chain = self.chain_from(run, starts) if torch.is_grad_enabled() else []
+            if len(chain) > 1:
+                x = conv_norm_act_chain(x, [layer for layer, _ in chain], backend=self.backend)
+            elif chain:  # its norm mode is decided (and a BatchNorm's batch counted) already
+                x = layer_forward(run.conv(x), chain[0][0], self.backend)
+            else:
+                x = norm_act_forward(run.conv(x), run.norm, run.act, self.backend)
+            last = chain[-1][1] if chain else run
+            i = last.start + last.length
         return x
+
+    @staticmethod
+    def chain_from(run: Run, starts: dict) -> list:
+        """[(layer, run)] of the consecutive runs from `run` that can train as one chain."""
+        chain = []
+        while run is not None and not any(d.training and d.p > 0 for d in run.dropouts):
+            layer = chain_layer(run)
+            if layer is None:
+                break
+            chain.append((layer, run))
+            run = starts.get(run.start + run.length)
+        return chain
 
 
 def describe(run: Run) -> str:

@@ -62,21 +62,38 @@ def norm_act(
     chosen = _backend.resolve(backend, y.device, "norm_act")
     if chosen == "reference" or norm == "none" or not batch_stats:
         return reference.norm_act(*args, act, negative_slope)
-    kernel_groups = 0 if norm == "batch" else (y.shape[1] if norm == "instance" else groups)
-    slope = negative_slope if act == "leaky_relu" else 0.0
+    kernel_groups, slope = kernel_arguments(y, norm, groups, act, negative_slope)
     if chosen == "triton":
-        kernels = triton_kernels()
-        kernels.check_dtype(y)
-        kernel = kernels.norm_act
-    else:
-        kernel = torch.ops.unet_fast.norm_act
+        triton_kernels().check_dtype(y)
+    kernel = kernels_for(chosen)[0]
     out, mean, _, var = kernel(y, kernel_groups, weight, bias, eps, act, slope)
-    if norm == "batch":
-        update_running_stats(running_mean, running_var, mean, var, momentum, y[:, 0].numel())
-    elif running_mean is not None or running_var is not None:
-        # a tracking InstanceNorm averages the per-sample statistics over the batch
-        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum, 1)
+    update_norm_stats(norm, running_mean, running_var, mean, var, momentum, y[:, 0].numel())
     return out
+
+
+def kernels_for(backend: str):
+    """(norm_act, norm_act_backward, norm_act_apply) kernels of the cpu (or cuda) or triton backend."""
+    if backend == "triton":
+        kernels = triton_kernels()
+        return kernels.norm_act, kernels.norm_act_backward, kernels.norm_act_apply
+    ops = torch.ops.unet_fast
+    return ops.norm_act, ops.norm_act_backward, ops.norm_act_apply
+
+
+def kernel_arguments(y, norm, groups, act, negative_slope) -> tuple:
+    """(groups, slope) as the kernels take them: groups 0 for BatchNorm, C for InstanceNorm;
+    slope 0 unless LeakyReLU."""
+    kernel_groups = 0 if norm == "batch" else (y.shape[1] if norm == "instance" else groups)
+    return kernel_groups, (negative_slope if act == "leaky_relu" else 0.0)
+
+
+def update_norm_stats(norm, running_mean, running_var, mean, var, momentum, count):
+    """The running statistics' update after a batch: BatchNorm's, or a tracking InstanceNorm's
+    (the per-sample statistics averaged over the batch)."""
+    if norm == "batch":
+        update_running_stats(running_mean, running_var, mean, var, momentum, count)
+    elif running_mean is not None or running_var is not None:
+        update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum, 1)
 
 
 def check_norm_act(y, norm, groups, weight, bias, running_mean, running_var, act, training):
@@ -122,6 +139,10 @@ def _fake(y, groups, weight, bias, eps, act, slope):
     return empty_like_layout(y, y.shape), stats, torch.empty_like(stats), torch.empty_like(stats)
 
 
+def _fake_apply(y, groups, weight, bias, mean, invstd, act, slope):
+    return empty_like_layout(y, y.shape)
+
+
 def _fake_backward(grad_out, y, groups, weight, bias, mean, invstd, act, slope):
     param = weight.dtype if weight is not None else mean.dtype
     return (
@@ -164,4 +185,5 @@ def _triton_backward(ctx, grad_out, *rest):
 if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake("unet_fast::norm_act", _fake)
     torch.library.register_fake("unet_fast::norm_act_backward", _fake_backward)
+    torch.library.register_fake("unet_fast::norm_act_apply", _fake_apply)
     torch.library.register_autograd("unet_fast::norm_act", _backward, setup_context=_setup_context)

@@ -14,7 +14,7 @@ from torch.library import triton_op
 
 from .channelwise import channel_map, channel_sums, check_dtype
 
-__all__ = ["check_dtype", "norm_act", "norm_act_backward"]
+__all__ = ["check_dtype", "norm_act", "norm_act_apply", "norm_act_backward"]
 
 Tensor = torch.Tensor
 ACTS = {"relu": 0, "leaky_relu": 1, "identity": 2}
@@ -109,13 +109,38 @@ def norm_act(
     shifted_mean = a / count
     var = (b / count - shifted_mean**2).clamp_min(0)
     mean, invstd = unit_first + shifted_mean, torch.rsqrt(var + eps)
-    gamma = _per_channel(weight, c, 1.0, y.device).repeat(n)
-    beta = _per_channel(bias, c, 0.0, y.device).repeat(n)
-    scale = gamma * invstd[unit]
-    coef = torch.stack([scale, beta - mean[unit] * scale]).float()
+    coef = _affine(y, groups, weight, bias, mean, invstd).float()
     out = _plane_map(torch.empty_like(y), y, y, coef, channels_last, False, act, slope)
     unbiased = var * count / (count - 1) if count > 1 else torch.full_like(var, float("nan"))
     return (out, *[t.float().view(stats_shape) for t in (mean, invstd, unbiased)])
+
+
+def _affine(y, groups, weight, bias, mean, invstd):
+    """Per-plane (scale, shift) float32 coefficients from per-unit statistics."""
+    n, c = y.shape[:2]
+    unit, _ = _units(n, c, groups, y.device)
+    mean, invstd = mean.double().reshape(-1)[unit], invstd.double().reshape(-1)[unit]
+    scale = _per_channel(weight, c, 1.0, y.device).repeat(n) * invstd
+    return torch.stack([scale, _per_channel(bias, c, 0.0, y.device).repeat(n) - mean * scale])
+
+
+@triton_op("unet_fast::norm_act_apply_triton", mutates_args=())
+def norm_act_apply(
+    y: Tensor,
+    groups: int,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    act: str,
+    slope: float,
+) -> Tensor:
+    """act(norm(y)) with given statistics, as unet_fast::norm_act_apply."""
+    y, channels_last = _layout(y)
+    if y.numel() == 0:
+        return torch.empty_like(y)
+    coef = _affine(y, groups, weight, bias, mean, invstd).float()
+    return _plane_map(torch.empty_like(y), y, y, coef, channels_last, False, act, slope)
 
 
 @triton_op("unet_fast::norm_act_backward_triton", mutates_args=())

@@ -1,0 +1,106 @@
+"""conv_norm_act_chain against the same layers as modules: outputs, every gradient, running
+statistics; what it keeps for backward; on cpu and (through the interpreter) triton."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import assert_bf16_within_rule, assert_close, rms
+from unet_fast import _backend
+from unet_fast.nn.conv_norm_act import chain_layer, find_runs, leaves
+from unet_fast.ops.conv_norm_act import conv_norm_act_chain
+
+pytestmark = pytest.mark.skipif(
+    _backend.EXTENSION_ERROR is not None, reason="unet_fast._C is not built"
+)
+
+
+def stack(dims):
+    """Three layers: a strided anisotropic conv with bias, a dilated grouped conv, a plain one;
+    InstanceNorm (affine), GroupNorm, BatchNorm; LeakyReLU, ReLU, nothing."""
+    conv = nn.Conv3d if dims == 3 else nn.Conv2d
+    kernel = (1, 3, 3) if dims == 3 else (1, 3)
+    padding = (0, 1, 1) if dims == 3 else (0, 1)
+    return nn.Sequential(
+        conv(3, 8, kernel, stride=2, padding=padding, bias=True),
+        (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(8, affine=True),
+        nn.LeakyReLU(0.01),
+        conv(8, 8, 3, padding=2, dilation=2, groups=2, bias=False),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        conv(8, 6, 3, padding=1),
+        (nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d)(6),
+    )
+
+
+def step(fn, model, x):
+    out = fn(x)
+    out.mul(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out, x.grad, *[p.grad for p in model.parameters()], *model.buffers()]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_chain_matches_the_modules(dims, x_layout):
+    torch.manual_seed(0)
+    model = stack(dims).double()
+    twin = copy.deepcopy(model)
+    shape = (2, 3, 6, 10, 12) if dims == 3 else (2, 3, 10, 12)
+    x = torch.randn(shape, dtype=torch.float64)
+    if x_layout == "channels_last":
+        fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+        x, model = x.contiguous(memory_format=fmt), model.to(memory_format=fmt)
+    runs, _ = find_runs(leaves(model))
+    layers = [chain_layer(run) for run in runs]
+    assert len(layers) == 3 and all(layers)
+    got = step(
+        lambda t: conv_norm_act_chain(t, layers, backend="cpu"), model, x.clone().requires_grad_()
+    )
+    want = step(twin, twin, x.clone().requires_grad_())
+    assert_close(got, want, torch.float64)
+
+
+@pytest.mark.skipif(
+    not _backend.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    reason="triton: not installed, or no GPU and TRITON_INTERPRET unset",
+)
+def test_chain_on_triton_within_twice_the_modules_float32_error():
+    """float32 against the float64 truth (the last conv's bias gradient is analytically zero
+    under BatchNorm, so two float32 runs agree on it only to rounding)."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = stack(2).to(device)
+    twin, exact = copy.deepcopy(model), copy.deepcopy(model).double()
+    x = torch.randn(2, 3, 10, 12, device=device)
+    layers = [chain_layer(run) for run in find_runs(leaves(model))[0]]
+    got = step(
+        lambda t: conv_norm_act_chain(t, layers, backend="triton"),
+        model,
+        x.clone().requires_grad_(),
+    )
+    theirs = step(twin, twin, x.clone().requires_grad_())
+    truth = step(exact, exact, x.double().requires_grad_())
+    got, theirs, truth = [[t.cpu() for t in ts] for ts in (got, theirs, truth)]
+    zero = [i for i, t in enumerate(truth) if rms(t) < 1e-8]  # biases right before a norm
+    assert zero == [3, 10]
+    for i in zero:  # rounding noise of sums that cancel exactly: a float32 size, no more
+        assert rms(got[i]) < 1e-5 and rms(theirs[i]) < 1e-5
+    kept = [i for i in range(len(truth)) if i not in zero]
+    assert_bf16_within_rule(*[[ts[i] for i in kept] for ts in (got, theirs, truth)])
+
+
+def test_chain_keeps_its_input_and_the_conv_outputs_only():
+    torch.manual_seed(0)
+    model = stack(2)
+    x = torch.randn(2, 3, 10, 12, requires_grad=True)
+    layers = [chain_layer(run) for run in find_runs(leaves(model))[0]]
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = conv_norm_act_chain(x, layers, backend="cpu")
+    activations = [t for t in saved if t.dim() == 4 and t.data_ptr() not in params]
+    # x and the three conv outputs, never an activation between the layers (nor the output)
+    assert len(activations) == 4 and activations[0] is x
+    assert all(t.data_ptr() != out.data_ptr() for t in activations)

@@ -1,0 +1,173 @@
+"""conv_norm_act_chain: Conv -> Norm -> Act layers in a row (nnU-Net's stacked convolutions,
+MONAI's TwoConv, a double conv with InstanceNorm), trained keeping less for backward.
+
+Each layer's convolution (any stride, padding, dilation, groups; 2-D or 3-D) runs through ATen
+and its norm + activation through norm_act's kernels. Saved for backward: the chain's input and
+each layer's conv output y with its statistics; a layer's input, the previous layer's
+activation, is rebuilt from that recipe in backward (norm_act_apply, the forward's arithmetic)
+instead of being kept, as double_conv does for BatchNorm + ReLU.
+"""
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from .. import _backend
+from .norm_act import (
+    check_norm_act,
+    kernel_arguments,
+    kernels_for,
+    triton_kernels,
+    update_norm_stats,
+)
+
+
+class Layer(NamedTuple):
+    """One Conv -> Norm -> Act layer, as its modules hold it."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    stride: Sequence[int]
+    padding: Sequence[int]
+    dilation: Sequence[int]
+    conv_groups: int
+    norm: str  # "batch" | "instance" | "group"
+    groups: Optional[int]  # GroupNorm's
+    norm_weight: Optional[torch.Tensor]
+    norm_bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    momentum: float
+    eps: float
+    act: str  # "relu" | "leaky_relu" | "identity"
+    negative_slope: float
+
+
+def _conv(x, layer):
+    dims = x.dim() - 2
+    return torch.ops.aten.convolution(
+        x,
+        layer.weight,
+        layer.bias,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        False,
+        [0] * dims,
+        layer.conv_groups,
+    )
+
+
+class _Chain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layers, kernels, *params):
+        norm_act, _, _ = kernels
+        h, ys, stats, returned = x, [], [], []
+        for layer in layers:
+            y = _conv(h, layer)
+            check_norm_act(
+                y,
+                layer.norm,
+                layer.groups,
+                layer.norm_weight,
+                layer.norm_bias,
+                layer.running_mean,
+                layer.running_var,
+                layer.act,
+                True,
+            )
+            groups, slope = kernel_arguments(
+                y, layer.norm, layer.groups, layer.act, layer.negative_slope
+            )
+            h, mean, invstd, var = norm_act(
+                y, groups, layer.norm_weight, layer.norm_bias, layer.eps, layer.act, slope
+            )
+            ys.append(y)
+            stats += [mean, invstd]
+            returned += [mean, var]
+        ctx.save_for_backward(x, *ys, *stats, *params)
+        ctx.layers, ctx.kernels = layers, kernels
+        ctx.mark_non_differentiable(*returned)
+        ctx.set_materialize_grads(False)
+        return (h, *returned)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        layers, (_, norm_act_backward, norm_act_apply) = ctx.layers, ctx.kernels
+        n = len(layers)
+        x, *saved = ctx.saved_tensors
+        ys, stats = saved[:n], saved[n : 3 * n]
+        param_grads = [None] * (4 * n)
+        if grad is None:
+            return (None, None, None, *param_grads)
+        for i in reversed(range(n)):
+            layer, y, mean, invstd = layers[i], ys[i], stats[2 * i], stats[2 * i + 1]
+            groups, slope = kernel_arguments(
+                y, layer.norm, layer.groups, layer.act, layer.negative_slope
+            )
+            grad_y, grad_g, grad_b = norm_act_backward(
+                grad, y, groups, layer.norm_weight, layer.norm_bias, mean, invstd, layer.act, slope
+            )
+            if i:  # the layer's input: the previous activation, rebuilt from its recipe
+                before = layers[i - 1]
+                g, s = kernel_arguments(
+                    ys[i - 1], before.norm, before.groups, before.act, before.negative_slope
+                )
+                h = norm_act_apply(
+                    ys[i - 1],
+                    g,
+                    before.norm_weight,
+                    before.norm_bias,
+                    stats[2 * i - 2],
+                    stats[2 * i - 1],
+                    before.act,
+                    s,
+                )
+            else:
+                h = x
+            dims = y.dim() - 2
+            has_bias = layer.bias is not None
+            grad, grad_w, grad_cb = torch.ops.aten.convolution_backward(
+                grad_y,
+                h,
+                layer.weight,
+                [layer.weight.shape[0]] if has_bias else None,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                False,
+                [0] * dims,
+                layer.conv_groups,
+                [i > 0 or ctx.needs_input_grad[0], True, has_bias],
+            )
+            param_grads[4 * i : 4 * i + 4] = [
+                grad_w,
+                grad_cb,
+                grad_g if layer.norm_weight is not None else None,
+                grad_b if layer.norm_bias is not None else None,
+            ]
+        return (grad, None, None, *param_grads)
+
+
+def conv_norm_act_chain(x, layers: Sequence[Layer], *, backend: str = "auto"):
+    """The layers one after the other, each with batch statistics (training; GroupNorm; an
+    InstanceNorm that tracks no running statistics), updating running statistics as the
+    modules do. Bitwise the same arithmetic as norm_act layer by layer."""
+    layers = tuple(layers)
+    chosen = _backend.resolve(backend, x.device, "norm_act")
+    if chosen not in ("cpu", "cuda", "triton"):
+        raise ValueError(f"conv_norm_act_chain runs the norm_act kernels, not {chosen!r}")
+    if chosen == "triton":
+        triton_kernels().check_dtype(x)
+    params = [
+        t
+        for layer in layers
+        for t in (layer.weight, layer.bias, layer.norm_weight, layer.norm_bias)
+    ]
+    out, *returned = _Chain.apply(x, layers, kernels_for(chosen), *params)
+    for layer, mean, var in zip(layers, returned[::2], returned[1::2], strict=True):
+        # an empty batch leaves the running statistics as they are (only zero is looked at)
+        update_norm_stats(
+            layer.norm, layer.running_mean, layer.running_var, mean, var, layer.momentum, x.numel()
+        )
+    return out

@@ -3,7 +3,15 @@
 from torch import nn
 
 from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, runs
-from .nn.conv_norm_act import FusedConvNormAct, describe, find_runs, leaves, plain_sequential
+from .nn.conv_norm_act import (
+    KNOWN_ORDER,
+    FusedConvNormAct,
+    describe,
+    find_runs,
+    leaves,
+    plain_sequential,
+    qualname,
+)
 
 
 class FuseReport:
@@ -18,20 +26,21 @@ class FuseReport:
         return "\n".join(lines + [f"left  {name}: {why}" for name, why in self.left.items()])
 
 
-def _fused(seq: nn.Sequential, backend: str):
+def _fused(seq: nn.Module, backend: str):
     """(the most specific fused module for a Sequential or None, what it fuses or why not).
 
     Stride-1 Conv2d -> BatchNorm2d -> ReLU runs take the BN-ReLU ops (folded in eval, the double
     conv storing less for backward); other Conv -> Norm -> Act runs take ops.norm_act."""
-    if runs(list(seq)):
+    order = KNOWN_ORDER.get(qualname(seq))
+    if order is None and runs(list(seq)):
         for cls in (FusedDoubleConv, FusedConvBNReLU, FusedSequential):
             try:
                 return cls.from_modules(*seq, backend=backend), "Conv2d -> BatchNorm2d -> ReLU"
             except ValueError:  # not that structure
                 continue
-    found, reasons = find_runs(leaves(seq))
+    found, reasons = find_runs(leaves(seq, order))
     if found:
-        return FusedConvNormAct.from_sequential(seq, backend), "; ".join(map(describe, found))
+        return FusedConvNormAct.from_module(seq, backend), "; ".join(map(describe, found))
     return None, "; ".join(reasons)
 
 
@@ -39,21 +48,24 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     """Replaces, in place, every nn.Sequential holding Conv -> Norm -> Act runs with a fused
     module wrapping the same children: parameters, buffers, names and state_dict keys are
     unchanged. Recognised: the tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's
-    Conv2dReLU, nnU-Net's ConvDropoutNormReLU (its all_modules), MONAI's Convolution (conv then
-    ADN); 2-D and 3-D, BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / none. Sequential
-    subclasses count when they keep Sequential's forward; modules with a forward of their own
-    are left as written.
+    Conv2dReLU, nnU-Net's ConvDropoutNormReLU and StackedConvBlocks, MONAI's Convolution (conv
+    then ADN), TwoConv and DynUNet's UnetBasicBlock; 2-D and 3-D, BatchNorm / InstanceNorm /
+    GroupNorm, ReLU / LeakyReLU / none. Sequential subclasses count when they keep Sequential's
+    forward; other modules with a forward of their own are left as written.
 
     Returns the model, or (model, FuseReport) with report=True.
     """
-    done = FuseReport()
+    done, replaced = FuseReport(), {}
     for name, module in list(model.named_modules()):
         if any(name == f or name.startswith(f + ".") for f in done.fused):
             continue  # inside a module fused already (its runs include this one's)
         for child_name, child in list(module.named_children()):
-            if not plain_sequential(child):
+            if not (plain_sequential(child) or qualname(child) in KNOWN_ORDER):
                 continue
             path = f"{name}.{child_name}" if name else child_name
+            if id(child) in replaced:  # one module under two names: one fused module too
+                setattr(module, child_name, replaced[id(child)])
+                continue
             fused, what = _fused(child, backend)
             if fused is None:
                 if what:
@@ -61,5 +73,6 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
                 continue
             fused.train(child.training)
             setattr(module, child_name, fused)
+            replaced[id(child)] = fused
             done.fused[path] = what
     return (model, done) if report else model

@@ -51,12 +51,21 @@ def basic_unet(dims):
     return monai_nets.BasicUNet(dims, 1, 2, features=(4, 4, 8, 8, 16, 4))
 
 
+def dyn_unet(dims):
+    """MONAI's DynUNet with its default UnetBasicBlock (InstanceNorm, LeakyReLU 0.01)."""
+    return monai_nets.DynUNet(
+        dims, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 16], norm_name="instance"
+    )
+
+
 NETWORKS = {
     "nnunet-2d": (lambda: nnunet(2), (2, 1, 16, 16)),
     "nnunet-3d": (lambda: nnunet(3), (2, 1, 8, 16, 16)),
     "nnunet-3d-batchnorm": (lambda: nnunet(3, "batch"), (2, 1, 8, 16, 16)),
     "monai-basicunet-2d": (lambda: basic_unet(2), (2, 1, 32, 32)),
     "monai-basicunet-3d": (lambda: basic_unet(3), (2, 1, 32, 32, 32)),
+    "monai-dynunet-2d": (lambda: dyn_unet(2), (2, 1, 16, 16)),
+    "monai-dynunet-3d": (lambda: dyn_unet(3), (2, 1, 8, 16, 16)),
 }
 
 

@@ -34,8 +34,8 @@ ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Identity: "identity"}
 
 
 class Run(NamedTuple):
-    start: int  # the conv's index among the children
-    length: int  # children the run spans
+    start: int  # the conv's index among the leaves
+    length: int  # leaves the run spans
     conv: nn.Module
     norm: nn.Module
     act: Optional[nn.Module]
@@ -46,19 +46,34 @@ def plain_sequential(module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-# Modules whose forward is `return self.all_modules(x)` (a plain Sequential), by qualified name.
+def qualname(module) -> str:
+    kind = type(module)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+# Modules whose forward is `return self.all_modules(x)` (a plain Sequential).
 RUNS_ALL_MODULES = (
     "dynamic_network_architectures.building_blocks.simple_conv_blocks.ConvDropoutNormReLU",
 )
+# Modules whose forward calls their children in this order, nothing else (MONAI's DynUNet block).
+KNOWN_ORDER = {
+    "monai.networks.blocks.dynunet_block.UnetBasicBlock": (
+        "conv1",
+        "norm1",
+        "lrelu",
+        "conv2",
+        "norm2",
+        "lrelu",
+    ),
+}
 
 
-def leaves(seq: nn.Sequential) -> list:
-    """The modules a Sequential's forward calls in order, looking into children that are plain
-    Sequentials or modules of RUNS_ALL_MODULES."""
+def leaves(seq: nn.Module, order=None) -> list:
+    """The modules a Sequential's forward (or a KNOWN_ORDER module's) calls in order, looking
+    into children that are plain Sequentials or modules of RUNS_ALL_MODULES."""
     found = []
-    for child in seq:
-        kind = type(child)
-        if f"{kind.__module__}.{kind.__qualname__}" in RUNS_ALL_MODULES:
+    for child in seq if order is None else [getattr(seq, name) for name in order]:
+        if qualname(child) in RUNS_ALL_MODULES:
             found += leaves(child.all_modules)
         elif plain_sequential(child):
             found += leaves(child)
@@ -215,22 +230,29 @@ class FusedConvNormAct(nn.Sequential):
     """A Sequential whose Conv -> Norm -> Act runs go through ops.norm_act; other children run
     as they are."""
 
-    def __init__(self, modules: "OrderedDict[str, nn.Module]", *, backend: str = "auto"):
+    def __init__(
+        self, modules: "OrderedDict[str, nn.Module]", *, backend: str = "auto", order=None
+    ):
         super().__init__(modules)
-        self.backend = backend
-        self.runs, self.left = find_runs(leaves(self))
+        self.backend, self.order = backend, order  # order: KNOWN_ORDER's, for such a module
+        self.runs, self.left = find_runs(leaves(self, order))
 
     @classmethod
-    def from_sequential(cls, seq: nn.Sequential, backend: str = "auto"):
-        """Wraps seq's children (sharing parameters, keeping their names)."""
-        module = cls(OrderedDict(seq.named_children()), backend=backend)
-        module.train(seq.training)
-        return module
+    def from_module(cls, module: nn.Module, backend: str = "auto"):
+        """Wraps a plain Sequential's or a KNOWN_ORDER module's children (sharing parameters,
+        keeping their names)."""
+        order = KNOWN_ORDER.get(qualname(module))
+        fused = cls(OrderedDict(module.named_children()), backend=backend, order=order)
+        fused.train(module.training)
+        return fused
 
     def forward(self, x):
+        modules = leaves(self, self.order)
         if _backend.resolve(self.backend, x.device, "norm_act") == "reference":
-            return super().forward(x)
-        modules, starts, i = leaves(self), {run.start: run for run in self.runs}, 0
+            for module in modules:
+                x = module(x)
+            return x
+        starts, i = {run.start: run for run in self.runs}, 0
         while i < len(modules):
             run = starts.get(i)
             if run is None or any(d.training and d.p > 0 for d in run.dropouts):

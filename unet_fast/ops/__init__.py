@@ -5,6 +5,7 @@ from .conv_bias_relu import conv_bias_relu, conv_bn_relu_frozen
 from .conv_bias_relu import triton_kernels as _triton_conv_bias_relu
 from .conv_bn_relu import batch_norm_relu, conv_bn_relu, double_conv
 from .conv_bn_relu import triton_kernels as _triton_conv_bn_relu
+from .conv_norm_act import conv_norm_act_chain
 from .crop_concat import crop_concat
 from .crop_concat import triton_kernels as _triton_crop_concat
 from .norm_act import norm_act
@@ -15,6 +16,7 @@ __all__ = [
     "conv_bias_relu",
     "conv_bn_relu",
     "conv_bn_relu_frozen",
+    "conv_norm_act_chain",
     "crop_concat",
     "double_conv",
     "fold",

@@ -105,16 +105,18 @@ def test_float32_channels_last_3d():
     assert_close(step(fused, x, True), step(original, x, True), torch.float32)
 
 
-def test_report_says_what_was_left_and_why():
+def test_report_says_what_was_fused_and_what_was_left_and_why():
     net = monai_nets.UNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
     model, report = unet_fast.fuse(copy.deepcopy(net), report=True)
-    assert not report.fused and any("PReLU is not fused yet" in why for why in report.left.values())
-    assert "PReLU" in str(report)
+    assert report.fused and all(
+        "PReLU (F.prelu after the fused norm)" in what for what in report.fused.values()
+    )
     x = torch.randn(2, 1, 16, 16)
-    assert_close(model(x), net(x), torch.float32)  # left as written: the same network
+    assert_close(model(x), net(x), torch.float32)
     seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
     _, report = unet_fast.fuse(nn.Sequential(seq), report=True)
-    assert report.left == {"0": "Conv2d 0: ReLU before any norm"}
+    assert not report.fused and report.left == {"0": "Conv2d 0: ReLU before any norm"}
+    assert "left  0: Conv2d 0: ReLU before any norm" in str(report)
 
 
 def test_active_dropout_runs_as_written():

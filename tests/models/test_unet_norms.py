@@ -51,10 +51,10 @@ def test_features_in_3d():
     )
 
 
-def test_prelu_runs_as_written_and_the_report_says_so():
+def test_prelu_runs_after_the_fused_norm_and_the_report_says_so():
     ours, ref = twins(3, "instance", "prelu")
-    assert not ours.fuse_report.fused
-    assert all("PReLU is not fused yet" in why for why in ours.fuse_report.left.values())
+    assert ours.fuse_report.fused and not ours.fuse_report.left
+    assert all("F.prelu after the fused norm" in what for what in ours.fuse_report.fused.values())
     x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
     assert_histories_close(
         training_history(ours, x, steps=1), training_history(ref, x, steps=1), torch.float64

@@ -2,7 +2,8 @@
 one op (ops.norm_act) after the convolution; the blocks of nnU-Net, MONAI and most U-Nets.
 
 A run is a Conv2d/Conv3d (any stride, padding, dilation, groups), then BatchNorm, InstanceNorm
-or GroupNorm of its width, then ReLU, LeakyReLU or nothing, with Dropout anywhere after the conv.
+or GroupNorm of its width, then ReLU, LeakyReLU, PReLU (run as its module after the fused norm)
+or nothing, with Dropout anywhere after the conv.
 Runs are found among the Sequential's leaves: children that are plain Sequentials (MONAI's
 Convolution and its ADN, TwoConv) or nnU-Net's ConvDropoutNormReLU (whose forward runs its
 all_modules) are looked into. Consecutive runs trained with batch statistics form a chain
@@ -92,12 +93,11 @@ def tail(modules) -> tuple:
             dropouts.append(module)
         elif kind in NORMS and norm is None:
             norm, used = module, len(dropouts) + 1
-        elif kind in ACTS and norm is not None:
+        elif (kind in ACTS or kind is nn.PReLU) and norm is not None:
             act = module
             break
         elif kind in ACTS or kind is nn.PReLU:
-            why = "before any norm" if norm is None else "is not fused yet"
-            return None, f"{kind.__name__} {why}"
+            return None, f"{kind.__name__} before any norm"
         else:
             break
     if norm is None:
@@ -152,8 +152,9 @@ def norm_mode(norm) -> tuple:
 
 
 def activation(act) -> tuple:
-    """(name, negative slope) of an activation module (None: identity)."""
-    name = ACTS[type(act)] if act is not None else "identity"
+    """(name, negative slope) of the activation the kernels apply (None and PReLU: identity; a
+    PReLU, whose weight the kernels do not take, runs as its module after them)."""
+    name = ACTS[type(act)] if type(act) in ACTS else "identity"
     return name, act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
 
 
@@ -161,7 +162,7 @@ def norm_act_forward(y, norm, act, backend):
     """norm then act on the conv output y through ops.norm_act, as the modules compute it."""
     kind, groups, batch_stats, running_mean, running_var, momentum = norm_mode(norm)
     name, slope = activation(act)
-    return ops.norm_act(
+    out = ops.norm_act(
         y,
         kind,
         norm.weight,
@@ -176,6 +177,7 @@ def norm_act_forward(y, norm, act, backend):
         groups=groups,
         backend=backend,
     )
+    return act(out) if isinstance(act, nn.PReLU) else out
 
 
 def layer_forward(y, layer: Layer, backend):
@@ -202,7 +204,11 @@ def chain_layer(run: Run) -> Optional[Layer]:
     statistics in use, a padding mode or string padding the op does not take). Decides the
     norm's mode, so call it once per forward (a training BatchNorm counts the batch)."""
     conv = run.conv
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if (
+        conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or isinstance(run.act, nn.PReLU)
+    ):
         return None
     kind, groups, batch_stats, running_mean, running_var, momentum = norm_mode(run.norm)
     if not batch_stats:
@@ -285,4 +291,5 @@ class FusedConvNormAct(nn.Sequential):
 
 def describe(run: Run) -> str:
     parts = [run.conv, *run.dropouts, run.norm] + ([run.act] if run.act is not None else [])
-    return " -> ".join(type(m).__name__ for m in parts)
+    text = " -> ".join(type(m).__name__ for m in parts)
+    return text + (" (F.prelu after the fused norm)" if isinstance(run.act, nn.PReLU) else "")

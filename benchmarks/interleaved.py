@@ -4,7 +4,7 @@ pytest-benchmark runs each case's rounds back to back; on a shared 2-core machin
 between cases, so the ratios quoted in notes come from here: every round times the fused and the
 reference version one after the other, and the ratio is of the medians.
 
-    python benchmarks/interleaved.py [--rounds 15] [--only norm] [--unet | --autocast]
+    python benchmarks/interleaved.py [--rounds 15] [--only norm] [--unet | --autocast | --predict]
 """
 
 import argparse
@@ -71,7 +71,15 @@ def main():
         help="a training step in float32 vs under bfloat16 autocast instead",
     )
     parser.add_argument("--only", default="", help="op suites whose title contains this text")
+    parser.add_argument(
+        "--predict",
+        action="store_true",
+        help="overlap-tile prediction instead: TTA views sharing batches vs view by view, and "
+        "one view vs MONAI's sliding_window_inference",
+    )
     args = parser.parse_args()
+    if args.predict:
+        return predict_ratios(args.rounds)
     if args.unet:
         return unet_ratios(args.rounds)
     if args.autocast:
@@ -174,6 +182,52 @@ def autocast_ratios(rounds: int):
             f"base_features={base}: {t[base, None] / bf16:.2f}x ({t[base, None]:.3f} s vs "
             f"{bf16:.3f} s); bfloat16 step {bf16 / t[16, torch.bfloat16]:.2f}x base 16's",
             flush=True,
+        )
+
+
+def predict_ratios(rounds: int):
+    """UNet(1, 2, 16, bilinear=False) in eval on a 1024² image, tiles of 256 overlapping by 64:
+    the 8 dihedral views sharing batches of 4 tiles against view by view (each view's last
+    batch partial), and one view against MONAI's sliding_window_inference (same model, tiles,
+    overlap, batch; its constant blending, ours cosine)."""
+    import unet_fast
+    from unet_fast.train.predict import predict_tiled, predict_views
+    from unet_fast.train.symmetry import SYMMETRIES, symmetric_mean
+
+    torch.manual_seed(0)
+    model = unet_fast.UNet(1, 2, 16, bilinear=False).eval()
+    image = torch.randn(1, 1024, 1024)
+    views = SYMMETRIES["dihedral"]
+    fns = {
+        "tta shared batches": lambda: predict_views(model, image, views, 256, 64, 4),
+        "tta view by view": lambda: symmetric_mean(
+            lambda view: predict_tiled(model, view, 256, 64, 4), image
+        ),
+        "one view": lambda: predict_tiled(model, image, 256, 64, 4),
+    }
+    try:
+        from monai.inferers import sliding_window_inference
+
+        def monai():
+            with torch.inference_mode():
+                sliding_window_inference(image[None], (256, 256), 4, model, overlap=0.25)
+
+        fns["monai sliding_window_inference"] = monai
+    except ImportError:
+        print("monai is not installed: no sliding_window_inference figure")
+    t = interleaved(fns, rounds, warmup=1, block_seconds=0)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {rounds} rounds"
+    )
+    print(
+        f"TTA (8 views): view by view / shared batches = "
+        f"{t['tta view by view'] / t['tta shared batches']:.2f}x "
+        f"({t['tta view by view']:.2f} s vs {t['tta shared batches']:.2f} s)"
+    )
+    if "monai sliding_window_inference" in t:
+        print(
+            f"one view: MONAI / ours = {t['monai sliding_window_inference'] / t['one view']:.2f}x "
+            f"({t['monai sliding_window_inference']:.2f} s vs {t['one view']:.2f} s)"
         )
 
 

@@ -387,3 +387,19 @@ def test_a_learnt_label_offset_moves_the_predicted_mask(tmp_path):
     with pytest.raises(CheckpointError, match="label offset does not fit the model's 1 outputs"):
         predict_files(broken, [tmp_path / "a.png"], tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_test_time_augmentation_shares_batches_across_views():
+    """The 8 dihedral views of a 40x56 image are one tile each, of two shapes (turned or not):
+    two batches of four, not eight model calls, with the same mean as view by view."""
+    model = unet_fast.UNet(1, 2, base_features=4).eval()
+    image = torch.randn(1, 40, 56)
+    calls = []
+    handle = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        got = predict.predict_averaged(model, image, tta=True, tile=256, batch_size=4)
+    finally:
+        handle.remove()
+    assert calls == [4, 4]
+    views = [predict.predict_views(model, image, [view], tile=256) for view in VIEWS["dihedral"]]
+    torch.testing.assert_close(got, torch.stack(views).mean(0))

@@ -4,7 +4,7 @@ Reading images and writing masks, and `unet-fast predict`, are in predict_files.
 
 import torch
 
-from .symmetry import symmetric_mean
+from .symmetry import SYMMETRIES, check_symmetry, turn, turn_back
 from .tiling import blend_weight, mirror_pad, model_padding, plan
 
 
@@ -19,6 +19,22 @@ def predict_tiled(
     inference_mode in batches of `batch_size` tiles on the model's device, with the model in
     eval mode (restored afterwards), so a tile's result never depends on its batch.
     """
+    return predict_views(model, image, [(0, False)], tile, overlap, batch_size)
+
+
+def predict_averaged(
+    model, image: torch.Tensor, tta: bool = False, symmetry: str = "dihedral", **tiling
+) -> torch.Tensor:
+    """predict_tiled, or with tta=True its mean over the image's views under `symmetry` (on
+    ISBI 2012 the 8 flips and rotations lower the pixel error by about 8%); the views' tiles
+    share the batches."""
+    if not tta:
+        return predict_tiled(model, image, **tiling)
+    check_symmetry(symmetry)
+    return predict_views(model, image, SYMMETRIES[symmetry], **tiling)
+
+
+def _check(model, image, overlap, batch_size):
     if not isinstance(image, torch.Tensor) or image.dim() != 3:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"predict_tiled expects a C×H×W tensor, got {shape}")
@@ -33,42 +49,71 @@ def predict_tiled(
         raise ValueError(f"the image is empty: {height}x{width}")
     if overlap < 0 or batch_size < 1:
         raise ValueError(f"need overlap >= 0 and batch_size >= 1, got {overlap} and {batch_size}")
-    rows, cols = plan(height, width, tile, overlap, model_padding(model))
 
+
+class _View:
+    """One view of the image: its tiles' plan, mirrored canvas, and blended logits."""
+
+    def __init__(self, model, image, view, tile, overlap, device, dtype):
+        self.view = view
+        turned = turn(image, view).contiguous()
+        self.height, self.width = turned.shape[1:]
+        self.rows, self.cols = plan(self.height, self.width, tile, overlap, model_padding(model))
+        self.padded = mirror_pad(turned.to(device=device, dtype=dtype), self.rows, self.cols)
+        self.tiles = [(y, x) for y in self.rows.starts for x in self.cols.starts]
+        self.shape = (self.rows.tile_in, self.cols.tile_in)
+        self.weight = blend_weight(self.rows, self.cols, device)
+        canvas = (self.rows.canvas, self.cols.canvas)
+        self.total = torch.zeros(model.num_classes, *canvas, device=device)
+        self.norm = torch.zeros(canvas, device=device)
+        self.single = None
+
+    def crop(self, y, x):
+        return self.padded[:, y : y + self.rows.tile_in, x : x + self.cols.tile_in]
+
+    def add(self, y, x, logits):
+        if len(self.tiles) == 1:  # no blending: bit for bit the plain forward pass
+            self.single = logits[:, : self.height, : self.width]
+            return
+        self.total[:, y : y + self.rows.tile_out, x : x + self.cols.tile_out] += (
+            logits * self.weight
+        )
+        self.norm[y : y + self.rows.tile_out, x : x + self.cols.tile_out] += self.weight
+
+    def result(self):
+        logits = self.single
+        if logits is None:
+            logits = (self.total / self.norm)[:, : self.height, : self.width]
+        return turn_back(logits, self.view)
+
+
+def predict_views(model, image, views, tile=256, overlap=32, batch_size=4) -> torch.Tensor:
+    """The mean over `views` ((quarter turns, mirror) of symmetry.py) of the overlap-tile logits
+    of each view mapped back; the tiles of every view share batches of `batch_size` (tiles of
+    one shape per batch)."""
+    _check(model, image, overlap, batch_size)
     parameter = next(model.parameters())
     device = parameter.device
-    padded = mirror_pad(image.to(device=device, dtype=parameter.dtype), rows, cols)
-    tiles = [(y, x) for y in rows.starts for x in cols.starts]
-    weight = blend_weight(rows, cols, device)
-    total = torch.zeros(model.num_classes, rows.canvas, cols.canvas, device=device)
-    norm = torch.zeros(rows.canvas, cols.canvas, device=device)
+    planned = [_View(model, image, v, tile, overlap, device, parameter.dtype) for v in views]
+    work = sorted(
+        ((view.shape, k, y, x) for k, view in enumerate(planned) for y, x in view.tiles),
+        key=lambda item: item[0],
+    )
     training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for first in range(0, len(tiles), batch_size):
-                chunk = tiles[first : first + batch_size]
-                out = model(
-                    torch.stack(
-                        [padded[:, y : y + rows.tile_in, x : x + cols.tile_in] for y, x in chunk]
-                    )
-                )
+            first = 0
+            while first < len(work):
+                shape = work[first][0]
+                chunk = [item for item in work[first : first + batch_size] if item[0] == shape]
+                first += len(chunk)
+                out = model(torch.stack([planned[k].crop(y, x) for _, k, y, x in chunk]))
                 out = (out[-1] if isinstance(out, (list, tuple)) else out).float()
-                if len(tiles) == 1:  # no blending: bit for bit the plain forward pass
-                    return out[0, :, :height, :width].to(image.device)
-                for (y, x), logits in zip(chunk, out, strict=True):
-                    total[:, y : y + rows.tile_out, x : x + cols.tile_out] += logits * weight
-                    norm[y : y + rows.tile_out, x : x + cols.tile_out] += weight
+                for (_, k, y, x), logits in zip(chunk, out, strict=True):
+                    planned[k].add(y, x, logits)
     finally:
         model.train(training)
-    return (total / norm)[:, :height, :width].to(image.device)
-
-
-def predict_averaged(
-    model, image: torch.Tensor, tta: bool = False, symmetry: str = "dihedral", **tiling
-) -> torch.Tensor:
-    """predict_tiled, or with tta=True its mean over the image's views under `symmetry` (on
-    ISBI 2012 the 8 flips and rotations lower the pixel error by about 8%)."""
-    if not tta:
-        return predict_tiled(model, image, **tiling)
-    return symmetric_mean(lambda view: predict_tiled(model, view, **tiling), image, symmetry)
+    results = [view.result() for view in planned]
+    mean = results[0] if len(results) == 1 else torch.stack(results).mean(0)
+    return mean.to(image.device)

@@ -66,25 +66,26 @@ class _View:
         canvas = (self.rows.canvas, self.cols.canvas)
         self.total = torch.zeros(model.num_classes, *canvas, device=device)
         self.norm = torch.zeros(canvas, device=device)
-        self.single = None
+        self.done, self.result = 0, None
 
     def crop(self, y, x):
         return self.padded[:, y : y + self.rows.tile_in, x : x + self.cols.tile_in]
 
     def add(self, y, x, logits):
+        """Blends one tile's logits in; after the last tile keeps only the view's result (all
+        views' canvases at once would crowd the memory the model's batches run in)."""
         if len(self.tiles) == 1:  # no blending: bit for bit the plain forward pass
-            self.single = logits[:, : self.height, : self.width]
-            return
-        self.total[:, y : y + self.rows.tile_out, x : x + self.cols.tile_out] += (
-            logits * self.weight
-        )
-        self.norm[y : y + self.rows.tile_out, x : x + self.cols.tile_out] += self.weight
-
-    def result(self):
-        logits = self.single
-        if logits is None:
-            logits = (self.total / self.norm)[:, : self.height, : self.width]
-        return turn_back(logits, self.view)
+            self.result = turn_back(logits[:, : self.height, : self.width], self.view)
+        else:
+            out = (slice(y, y + self.rows.tile_out), slice(x, x + self.cols.tile_out))
+            self.total[(slice(None), *out)] += logits * self.weight
+            self.norm[out] += self.weight
+            self.done += 1
+            if self.done < len(self.tiles):
+                return
+            blended = (self.total / self.norm)[:, : self.height, : self.width]
+            self.result = turn_back(blended, self.view)
+        self.padded = self.total = self.norm = None
 
 
 def predict_views(model, image, views, tile=256, overlap=32, batch_size=4) -> torch.Tensor:
@@ -114,6 +115,6 @@ def predict_views(model, image, views, tile=256, overlap=32, batch_size=4) -> to
                     planned[k].add(y, x, logits)
     finally:
         model.train(training)
-    results = [view.result() for view in planned]
+    results = [view.result for view in planned]
     mean = results[0] if len(results) == 1 else torch.stack(results).mean(0)
     return mean.to(image.device)

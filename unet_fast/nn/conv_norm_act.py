@@ -265,7 +265,9 @@ class FusedConvNormAct(nn.Sequential):
                 x = modules[i](x)  # not a run, or dropout in play: as written
                 i += 1
                 continue
-            chain = self.chain_from(run, starts) if torch.is_grad_enabled() else []
+            # under autocast the layers run one by one (the chain's backward is float32-typed)
+            chainable = torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            chain = self.chain_from(run, starts) if chainable else []
             if len(chain) > 1:
                 x = conv_norm_act_chain(x, [layer for layer, _ in chain], backend=self.backend)
             elif chain:  # its norm mode is decided (and a BatchNorm's batch counted) already

@@ -240,8 +240,12 @@ class FusedConvNormAct(nn.Sequential):
         self, modules: "OrderedDict[str, nn.Module]", *, backend: str = "auto", order=None
     ):
         super().__init__(modules)
-        self.backend, self.order = backend, order  # order: KNOWN_ORDER's, for such a module
-        self.runs, self.left = find_runs(leaves(self, order))
+        self.backend = backend
+        # the modules forward calls (order: KNOWN_ORDER's, for such a module), found once (the
+        # runs hold these modules already), not on every forward
+        self.calls = leaves(self, order)
+        self.runs, self.left = find_runs(self.calls)
+        self.starts = {run.start: run for run in self.runs}
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "auto"):
@@ -253,12 +257,11 @@ class FusedConvNormAct(nn.Sequential):
         return fused
 
     def forward(self, x):
-        modules = leaves(self, self.order)
+        modules, starts, i = self.calls, self.starts, 0
         if _backend.resolve(self.backend, x.device, "norm_act") == "reference":
             for module in modules:
                 x = module(x)
             return x
-        starts, i = {run.start: run for run in self.runs}, 0
         while i < len(modules):
             run = starts.get(i)
             if run is None or any(d.training and d.p > 0 for d in run.dropouts):

@@ -7,8 +7,6 @@ from .nn.conv_norm_act import (
     KNOWN_ORDER,
     FusedConvNormAct,
     describe,
-    find_runs,
-    leaves,
     plain_sequential,
     qualname,
 )
@@ -38,20 +36,21 @@ def _fused(seq: nn.Module, backend: str):
                 return cls.from_modules(*seq, backend=backend), "Conv2d -> BatchNorm2d -> ReLU"
             except ValueError:  # not that structure
                 continue
-    found, reasons = find_runs(leaves(seq, order))
-    if found:
-        return FusedConvNormAct.from_module(seq, backend), "; ".join(map(describe, found))
-    return None, "; ".join(reasons)
+    fused = FusedConvNormAct.from_module(seq, backend)
+    if fused.runs:
+        return fused, "; ".join(map(describe, fused.runs))
+    return None, "; ".join(fused.left)
 
 
 def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     """Replaces, in place, every nn.Sequential holding Conv -> Norm -> Act runs with a fused
     module wrapping the same children: parameters, buffers, names and state_dict keys are
     unchanged. Recognised: the tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's
-    Conv2dReLU, nnU-Net's ConvDropoutNormReLU and StackedConvBlocks, MONAI's Convolution (conv
-    then ADN), TwoConv and DynUNet's UnetBasicBlock; 2-D and 3-D, BatchNorm / InstanceNorm /
-    GroupNorm, ReLU / LeakyReLU / none. Sequential subclasses count when they keep Sequential's
-    forward; other modules with a forward of their own are left as written.
+    Conv2dReLU, nnU-Net's ConvDropoutNormReLU and StackedConvBlocks (in residual encoders too),
+    MONAI's Convolution (conv then ADN, in ResidualUnit too), TwoConv and DynUNet's UnetBasicBlock
+    and UnetResBlock (both paths; the sum and its activation as written); 2-D and 3-D,
+    BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / none. Sequential subclasses count
+    when they keep Sequential's forward; other modules with a forward of their own are left as written.
 
     Returns the model, or (model, FuseReport) with report=True.
     """

@@ -51,11 +51,47 @@ def basic_unet(dims):
     return monai_nets.BasicUNet(dims, 1, 2, features=(4, 4, 8, 8, 16, 4))
 
 
-def dyn_unet(dims):
-    """MONAI's DynUNet with its default UnetBasicBlock (InstanceNorm, LeakyReLU 0.01)."""
+def dyn_unet(dims, res_block=False):
+    """MONAI's DynUNet with UnetBasicBlock or UnetResBlock (InstanceNorm, LeakyReLU 0.01)."""
     return monai_nets.DynUNet(
-        dims, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 16], norm_name="instance"
+        dims,
+        1,
+        2,
+        [3, 3, 3],
+        [1, 2, 2],
+        [2, 2],
+        filters=[4, 8, 16],
+        norm_name="instance",
+        res_block=res_block,
     )
+
+
+def residual_encoder_unet(dims):
+    """nnU-Net's ResidualEncoderUNet: BasicBlockD stages (a strided, pooled shortcut)."""
+    return plain_conv_unet.ResidualEncoderUNet(
+        1,
+        3,
+        (4, 8, 16),
+        nn.Conv3d if dims == 3 else nn.Conv2d,
+        3,
+        (1, 2, 2),
+        (1, 2, 2),
+        3,
+        (1, 1),
+        False,
+        nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d,
+        {"eps": 1e-5, "affine": True},
+        None,
+        None,
+        nn.LeakyReLU,
+        {"inplace": True},
+        deep_supervision=False,
+    )
+
+
+def monai_residual_unet(dims):
+    """MONAI's UNet of ResidualUnits (InstanceNorm, PReLU, a conv shortcut)."""
+    return monai_nets.UNet(dims, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
 
 
 NETWORKS = {
@@ -66,6 +102,11 @@ NETWORKS = {
     "monai-basicunet-3d": (lambda: basic_unet(3), (2, 1, 32, 32, 32)),
     "monai-dynunet-2d": (lambda: dyn_unet(2), (2, 1, 16, 16)),
     "monai-dynunet-3d": (lambda: dyn_unet(3), (2, 1, 8, 16, 16)),
+    "monai-dynunet-res-2d": (lambda: dyn_unet(2, True), (2, 1, 16, 16)),
+    "monai-dynunet-res-3d": (lambda: dyn_unet(3, True), (2, 1, 8, 16, 16)),
+    "monai-unet-residual-3d": (lambda: monai_residual_unet(3), (2, 1, 16, 16, 16)),
+    "nnunet-resenc-2d": (lambda: residual_encoder_unet(2), (2, 1, 16, 16)),
+    "nnunet-resenc-3d": (lambda: residual_encoder_unet(3), (2, 1, 8, 16, 16)),
 }
 
 
@@ -166,3 +207,12 @@ def test_training_under_autocast_within_the_bfloat16_rule():
     truth = [out] + [p.grad for p in exact.parameters() if p.grad is not None]
     flat = [[r[0], torch.cat([g.double().flatten() for g in r[1:]])] for r in (*results, truth)]
     assert_bf16_within_rule(*flat)
+
+
+def test_residual_blocks_fuse_both_paths():
+    """DynUNet's UnetResBlock: conv1-norm1-act and conv2-norm2 on the main path, conv3-norm3 on
+    the shortcut; only the output head (a bare conv) is left."""
+    _, report = unet_fast.fuse(dyn_unet(3, res_block=True), report=True)
+    three_runs = "Conv3d -> InstanceNorm3d -> LeakyReLU; Conv3d -> InstanceNorm3d; Conv3d -> "
+    assert report.fused["input_block"] == three_runs + "InstanceNorm3d"
+    assert list(report.left) == ["output_block.conv"]

@@ -1,15 +1,14 @@
 """FusedConvNormAct: an nn.Sequential whose Conv -> Norm -> Act runs normalise and activate in
-one op (ops.norm_act) after the convolution; the blocks of nnU-Net, MONAI and most U-Nets.
-
-A run is a Conv2d/Conv3d (any stride, padding, dilation, groups), then BatchNorm, InstanceNorm
-or GroupNorm of its width, then ReLU, LeakyReLU, PReLU (run as its module after the fused norm)
-or nothing, with Dropout anywhere after the conv.
-Runs are found among the Sequential's leaves: children that are plain Sequentials (MONAI's
-Convolution and its ADN, TwoConv) or nnU-Net's ConvDropoutNormReLU (whose forward runs its
-all_modules) are looked into. Consecutive runs trained with batch statistics form a chain
-(ops.conv_norm_act_chain) that keeps each conv output and rebuilds the activations between them
-in backward. A run whose dropout is active (training with p > 0) runs as written, and so does
-anything else. Children, names and state_dict keys are the Sequential's own.
+one op (ops.norm_act) after the convolution; the blocks of nnU-Net, MONAI and most U-Nets. A
+run is a Conv2d/Conv3d (any stride, padding, dilation, groups), then BatchNorm, InstanceNorm or
+GroupNorm of its width, then ReLU, LeakyReLU, PReLU (run as its module after the fused norm) or
+nothing, with Dropout anywhere after the conv. Runs are found among the Sequential's leaves:
+children that are plain Sequentials (MONAI's Convolution and its ADN, TwoConv) or nnU-Net's
+ConvDropoutNormReLU (whose forward runs its all_modules) are looked into; a residual block of
+KNOWN_ORDER has its two paths' runs. Consecutive runs trained with batch statistics form a
+chain (ops.conv_norm_act_chain) that keeps each conv output and rebuilds the activations
+between them in backward. A run whose dropout is active (training with p > 0) runs as written,
+and so does anything else. Children, names and state_dict keys are the Sequential's own.
 """
 
 from collections import OrderedDict
@@ -56,7 +55,19 @@ def qualname(module) -> str:
 RUNS_ALL_MODULES = (
     "dynamic_network_architectures.building_blocks.simple_conv_blocks.ConvDropoutNormReLU",
 )
-# Modules whose forward calls their children in this order, nothing else (MONAI's DynUNet block).
+
+
+class Residual(NamedTuple):
+    """A block whose forward is `act(main(x) + shortcut(x))`, each path its children called in
+    order; the shortcut is x itself when the block has none of its children."""
+
+    main: tuple
+    shortcut: tuple
+    act: str
+
+
+# Modules whose forward calls their children in this order, nothing else (MONAI's DynUNet
+# blocks; UnetResBlock has conv3 and norm3 only when its shortcut changes the shape).
 KNOWN_ORDER = {
     "monai.networks.blocks.dynunet_block.UnetBasicBlock": (
         "conv1",
@@ -66,14 +77,18 @@ KNOWN_ORDER = {
         "norm2",
         "lrelu",
     ),
+    "monai.networks.blocks.dynunet_block.UnetResBlock": Residual(
+        ("conv1", "norm1", "lrelu", "conv2", "norm2"), ("conv3", "norm3"), "lrelu"
+    ),
 }
 
 
 def leaves(seq: nn.Module, order=None) -> list:
-    """The modules a Sequential's forward (or a KNOWN_ORDER module's) calls in order, looking
-    into children that are plain Sequentials or modules of RUNS_ALL_MODULES."""
+    """The modules a Sequential's forward (or a KNOWN_ORDER module's path) calls in order,
+    looking into children that are plain Sequentials or modules of RUNS_ALL_MODULES."""
     found = []
-    for child in seq if order is None else [getattr(seq, name) for name in order]:
+    named = None if order is None else [getattr(seq, n) for n in order if hasattr(seq, n)]
+    for child in seq if named is None else named:
         if qualname(child) in RUNS_ALL_MODULES:
             found += leaves(child.all_modules)
         elif plain_sequential(child):
@@ -233,19 +248,25 @@ def chain_layer(run: Run) -> Optional[Layer]:
 
 
 class FusedConvNormAct(nn.Sequential):
-    """A Sequential whose Conv -> Norm -> Act runs go through ops.norm_act; other children run
-    as they are."""
+    """A Sequential (or a KNOWN_ORDER block) whose Conv -> Norm -> Act runs go through
+    ops.norm_act; other children run as they are."""
 
     def __init__(
         self, modules: "OrderedDict[str, nn.Module]", *, backend: str = "auto", order=None
     ):
         super().__init__(modules)
         self.backend = backend
-        # the modules forward calls (order: KNOWN_ORDER's, for such a module), found once (the
-        # runs hold these modules already), not on every forward
-        self.calls = leaves(self, order)
-        self.runs, self.left = find_runs(self.calls)
-        self.starts = {run.start: run for run in self.runs}
+        # the modules each path of forward calls (KNOWN_ORDER's order for such a block) and
+        # their runs, found once (the runs hold these modules already), not on every forward
+        orders = list(order[:2]) if isinstance(order, Residual) else [order]
+        self.after = order.act if isinstance(order, Residual) else None  # a child's name
+        self.paths, self.runs, self.left = [], [], []
+        for path_order in orders:
+            calls = leaves(self, path_order)
+            runs, left = find_runs(calls)
+            self.paths.append((calls, {run.start: run for run in runs}))
+            self.runs += runs
+            self.left += left
 
     @classmethod
     def from_module(cls, module: nn.Module, backend: str = "auto"):
@@ -257,11 +278,17 @@ class FusedConvNormAct(nn.Sequential):
         return fused
 
     def forward(self, x):
-        modules, starts, i = self.calls, self.starts, 0
+        out = self.run_path(x, *self.paths[0])
+        if self.after is None:
+            return out
+        return getattr(self, self.after)(out + self.run_path(x, *self.paths[1]))
+
+    def run_path(self, x, modules: list, starts: dict):
         if _backend.resolve(self.backend, x.device, "norm_act") == "reference":
             for module in modules:
                 x = module(x)
             return x
+        i = 0
         while i < len(modules):
             run = starts.get(i)
             if run is None or any(d.training and d.p > 0 for d in run.dropouts):

@@ -66,8 +66,8 @@ def _sample_tensors(
     if transform is not None:
         out = transform(image=image, mask=mask)
         image, mask = out["image"], out["mask"]
-    if isinstance(image, np.ndarray):  # a transform without ToTensorV2, or none: H×W×C
-        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if isinstance(image, np.ndarray):  # no ToTensorV2 (or no transform): (D×)H×W×C
+        image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
     mask = torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray) else mask).long()
     if binary:
         return image.float().contiguous(), mask.float().unsqueeze(0)

@@ -25,7 +25,13 @@ from .distributed import Distributed
 from .offset import LabelOffset, OffsetModel, check_transform_keeps_orientation
 from .run_folder import check_output_folder, plot_curves, write_log
 from .symmetry import SYMMETRIES, check_symmetry
-from .validate import foreground_mean, to_device, validate, validation_loader
+from .validate import (
+    channels_last_format,
+    foreground_mean,
+    to_device,
+    validate,
+    validation_loader,
+)
 
 LOSSES = {
     "bce": losses.bce_loss,
@@ -196,10 +202,13 @@ def _setup(model, train_set, val_set, config: TrainConfig) -> _Training:
     autocast_dtype = _autocast_dtype(config, env.device)
     loss_fn = _loss_function(config, train_set)
     model = model.to(env.device)
+    spatial_dims = getattr(model, "spatial_dims", 2)
     if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=channels_last_format(spatial_dims))
     check_symmetry(config.symmetry)
     offset = None
+    if config.learn_offset and spatial_dims != 2:
+        raise ValueError("learn_offset learns a 2-D label offset: it takes a 2-D model")
     if config.learn_offset:
         check_transform_keeps_orientation(getattr(train_set, "transform", None))
         offset = LabelOffset(model.num_classes).to(env.device)

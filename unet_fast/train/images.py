@@ -91,3 +91,103 @@ def read_mask(path: Path, page: int) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"{path}: expected a 2-D mask, got an array of shape {mask.shape}")
     return mask.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- volumes
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff")
+
+
+def volume_stem(path: Path) -> str:
+    """The name without its volume suffix ("case.nii.gz" → "case")."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def is_volume(path: Path) -> bool:
+    return Path(path).name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _is_nifti(path: Path) -> bool:
+    return Path(path).name.lower().endswith((".nii", ".nii.gz"))
+
+
+def volume_shape(path: Path) -> tuple[int, ...]:
+    """(D, H, W) of a volume from its header: a NIfTI's first three axes as stored, a TIFF
+    stack's pages × rows × columns."""
+    if _is_nifti(path):
+        import nibabel
+
+        return tuple(nibabel.load(path).shape[:3])
+    return (len(page_sizes(Path(path))), *page_sizes(Path(path))[0])
+
+
+def _read_volume_raw(path: Path) -> np.ndarray:
+    if _is_nifti(path):
+        import nibabel
+
+        return np.asanyarray(nibabel.load(path).dataobj)  # the stored values, scaled
+    import tifffile
+
+    array = tifffile.imread(path)
+    return array[None] if array.ndim == 2 else array  # one page: a volume one slice deep
+
+
+def zscore(volume: np.ndarray) -> np.ndarray:
+    """Each channel of a D×H×W×C volume to zero mean and unit standard deviation (nnU-Net's
+    default normalisation: any intensity range, CT or MRI or microscopy, comes out alike)."""
+    mean = volume.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = volume.std(axis=(0, 1, 2), dtype=np.float64)
+    return ((volume - mean) / np.maximum(std, 1e-8)).astype(np.float32)
+
+
+def read_volume(path, channels: int | None = None) -> np.ndarray:
+    """A NIfTI volume or a TIFF stack as float32 D×H×W×C, z-scored per channel (`zscore`); a
+    4-D NIfTI's last axis and a TIFF stack's samples are the channels. `channels` checks them."""
+    path = Path(path)
+    volume = _read_volume_raw(path)
+    if volume.ndim == 3:
+        volume = volume[..., None]
+    if volume.ndim != 4:
+        raise ValueError(f"{path}: expected a 3-D volume, got an array of shape {volume.shape}")
+    if channels is not None and volume.shape[-1] != channels:
+        raise ValueError(f"{path}: the volume has {volume.shape[-1]} channels, not {channels}")
+    if not np.isfinite(volume).all():
+        raise ValueError(f"{path}: the volume holds NaN or infinite values")
+    return zscore(volume.astype(np.float32))
+
+
+def read_volume_mask(path) -> np.ndarray:
+    """The stored labels of a NIfTI or TIFF-stack mask, D×H×W int64 (float NIfTI labels must be
+    whole numbers)."""
+    path = Path(path)
+    mask = _read_volume_raw(path)
+    if mask.ndim == 4 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 3:
+        raise ValueError(f"{path}: expected a 3-D mask, got an array of shape {mask.shape}")
+    if np.issubdtype(mask.dtype, np.floating) and (mask != np.round(mask)).any():
+        raise ValueError(f"{path}: mask values must be whole numbers (class labels)")
+    return mask.astype(np.int64)
+
+
+def write_volume_mask(mask: np.ndarray, path: Path, like: Path) -> None:
+    """A D×H×W mask as NIfTI (with the affine and orientation of the volume `like`) or as a
+    TIFF stack, by `path`'s suffix."""
+    if _is_nifti(path):
+        import nibabel
+
+        reference = nibabel.load(like) if _is_nifti(like) else None
+        affine = reference.affine if reference is not None else np.eye(4)
+        image = nibabel.Nifti1Image(mask, affine)
+        if reference is not None:
+            image.set_qform(*reference.get_qform(coded=True))
+            image.set_sform(*reference.get_sform(coded=True))
+        nibabel.save(image, path)
+    else:
+        import tifffile
+
+        tifffile.imwrite(path, mask)

@@ -1,9 +1,10 @@
 """Segmentation losses on logits, as functions and as nn.Modules.
 
 Binary tasks: logits B×1×H×W against float 0/1 targets of the same shape. Multi-class tasks:
-logits B×K×H×W against int64 class indices B×H×W. Pixels whose target equals `ignore_index`
-count for nothing; a batch with every pixel ignored has loss 0 (with zero gradient), not NaN.
-Losses are computed in float32 whatever the logits' dtype (autocast gives bfloat16 logits).
+logits B×K×H×W against int64 class indices B×H×W. Volumes alike, D before H×W. Pixels whose
+target equals `ignore_index` count for nothing; a batch with every pixel ignored has loss 0
+(with zero gradient), not NaN. Losses are computed in float32 whatever the logits' dtype
+(autocast gives bfloat16 logits).
 """
 
 import torch
@@ -18,7 +19,7 @@ def _valid(target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
 
 
 def _check_binary(logits: torch.Tensor, target: torch.Tensor) -> None:
-    if logits.dim() != 4 or logits.shape[1] != 1 or target.shape != logits.shape:
+    if logits.dim() not in (4, 5) or logits.shape[1] != 1 or target.shape != logits.shape:
         raise ValueError(
             f"binary losses need logits B×1×H×W and a target of the same shape, "
             f"got {tuple(logits.shape)} and {tuple(target.shape)}"
@@ -54,7 +55,7 @@ def cross_entropy_loss(
     ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy over classes, the (class-weighted) mean over non-ignored pixels."""
-    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+    if logits.dim() not in (4, 5) or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
             f"cross-entropy needs logits B×K×H×W and a target B×H×W, "
             f"got {tuple(logits.shape)} and {tuple(target.shape)}"
@@ -72,8 +73,9 @@ def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, smooth: float = 1.0) ->
     """Per-class soft Dice (2·Σpt + s) / (Σp + Σt + s) of B×K×H×W probabilities and targets,
     summed over batch and pixels. With nothing predicted and nothing there (and s = 0) Dice is 1:
     the prediction is perfect."""
-    intersection = (probs * onehot).sum((0, 2, 3))
-    denominator = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + smooth
+    over = (0, *range(2, probs.dim()))  # all but the classes
+    intersection = (probs * onehot).sum(over)
+    denominator = probs.sum(over) + onehot.sum(over) + smooth
     present = denominator > 0  # a safe divisor, or the NaN would reach the gradient
     ratio = (2 * intersection + smooth) / torch.where(present, denominator, 1.0)
     return torch.where(present, ratio, 1.0)
@@ -98,7 +100,7 @@ def dice_loss(
         )
     classes = logits.shape[1]
     probs = torch.softmax(logits.float(), 1) * valid.unsqueeze(1)
-    onehot = F.one_hot(torch.where(valid, target, 0), classes).permute(0, 3, 1, 2)
+    onehot = F.one_hot(torch.where(valid, target, 0), classes).movedim(-1, 1)
     onehot = onehot * valid.unsqueeze(1)
     return 1 - soft_dice(probs, onehot.float(), smooth).mean()
 

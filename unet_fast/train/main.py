@@ -35,7 +35,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="binary masks: the stored value of the positive class (ISBI 2012: 0, "
         "the membranes); default: non-zero",
     )
-    data.add_argument("--crop", type=int, default=256, help="training crop size")
+    data.add_argument(
+        "--spatial-dims",
+        type=int,
+        default=2,
+        choices=(2, 3),
+        help="3: volumes (NIfTI .nii/.nii.gz or TIFF stacks in the image and mask folders; "
+        "generated cell volumes without --data), z-scored per volume, and a 3-D UNet",
+    )
+    data.add_argument(
+        "--crop",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="training crop size: one value (square or cube) or one per axis (H W, or D H W); "
+        "default 256 (2-D), 64 (3-D)",
+    )
     data.add_argument(
         "--crop-scale",
         type=float,
@@ -171,8 +186,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def crop_size(args) -> tuple[int, ...]:
+    """--crop as one size per spatial axis."""
+    crop = args.crop or [256 if args.spatial_dims == 2 else 64]
+    if len(crop) not in (1, args.spatial_dims) or min(crop) < 1:
+        raise ValueError(f"--crop takes 1 or {args.spatial_dims} positive sizes, got {crop}")
+    return tuple(crop) * (args.spatial_dims // len(crop))
+
+
+def volume_datasets(args):
+    """datasets() for --spatial-dims 3: z-scored volumes, crops, flips and in-plane turns."""
+    from .volumes import SyntheticVolumes, VolumeFolder, VolumeTransform
+
+    if args.learn_offset:
+        raise ValueError("--learn-offset learns a 2-D label offset: not with --spatial-dims 3")
+    crop = crop_size(args)
+    augment = VolumeTransform(crop, args.symmetry, args.intensity_p)
+    if args.data is None:
+        train = SyntheticVolumes(16, crop, seed=args.seed, transform=augment)
+        val = SyntheticVolumes(4, crop, seed=args.seed + 1)
+        values = {"foreground_value": 255, "class_values": [0, 255]}
+    else:
+        image_dir, mask_dir = find_image_mask_folders(args.data)
+        everything = VolumeFolder(image_dir, mask_dir, foreground=args.foreground)
+        count = len(everything)
+        val_count = args.val_count or max(1, round(0.15 * count))
+        if not 0 < val_count < count:
+            raise ValueError(
+                f"{count} volumes in {image_dir} cannot leave {val_count} for "
+                "validation and some for training"
+            )
+        options = {"foreground": args.foreground, "cache": True}
+        train = VolumeFolder(
+            image_dir, mask_dir, indices=range(count - val_count), transform=augment, **options
+        )
+        val = VolumeFolder(image_dir, mask_dir, indices=range(count - val_count, count), **options)
+        for part in (train, val):
+            part.validate()
+        values = class_values(everything)
+    channels = train.load(0)[0].shape[-1]
+    info = {
+        "spatial_dims": 3,
+        "normalisation": "zscore",
+        "channels": channels,
+        "mean": [0.0] * channels,  # z-scored when read
+        "std": [1.0] * channels,
+        "binary": train.binary,
+        "num_classes": train.num_classes,
+        "threshold": 0.5,
+        "ignore_index": getattr(train, "ignore_index", None),
+        **values,
+    }
+    return train, val, info
+
+
+def class_values(dataset) -> dict:
+    """The stored value of each class: what predicted masks are written in."""
+    by_class = {}
+    for value, index in sorted(dataset.classes.items(), reverse=True):
+        by_class[index] = value
+    return {
+        "foreground_value": by_class.get(1, 255),
+        "class_values": [by_class.get(k, k) for k in range(dataset.num_classes)],
+    }
+
+
 def datasets(args):
     """(train set, validation set, what the checkpoint records about the data)."""
+    if args.spatial_dims == 3:
+        return volume_datasets(args)
     from .augment import (
         GREY_MEAN,
         GREY_STD,
@@ -184,7 +266,7 @@ def datasets(args):
 
     def augment(channels):
         return train_transforms(
-            args.crop,
+            crop_size(args),
             channels,
             scale=args.crop_scale if args.resize else None,
             elastic_p=args.elastic_p,
@@ -194,8 +276,9 @@ def datasets(args):
 
     if args.data is None:
         channels = 1
-        train = SyntheticCells(64, args.crop, seed=args.seed, transform=augment(1))
-        val = SyntheticCells(16, args.crop, seed=args.seed + 1, transform=val_transforms(1))
+        crop = crop_size(args)
+        train = SyntheticCells(64, crop, seed=args.seed, transform=augment(1))
+        val = SyntheticCells(16, crop, seed=args.seed + 1, transform=val_transforms(1))
         values = {"foreground_value": 255, "class_values": [0, 255]}
     else:
         image_dir, mask_dir = find_image_mask_folders(args.data)
@@ -229,13 +312,7 @@ def datasets(args):
         )
         for part in (train, val):  # unexpected mask values fail now, not in epoch 7 (and the
             part.validate()  # cache is filled before any DataLoader worker forks)
-        by_class = {}
-        for value, index in sorted(everything.classes.items(), reverse=True):
-            by_class[index] = value
-        values = {
-            "foreground_value": by_class.get(1, 255),
-            "class_values": [by_class.get(k, k) for k in range(everything.num_classes)],
-        }
+        values = class_values(everything)
     mean, std = (GREY_MEAN, GREY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
     info = {
         "channels": channels,
@@ -252,6 +329,10 @@ def datasets(args):
 
 def build_model(args, in_channels: int, out_channels: int):
     kwargs = {"base_features": args.base_features, "backend": args.backend}
+    if args.spatial_dims == 3:
+        if args.model != "unet":
+            raise ValueError(f"--spatial-dims 3 trains the unet; {args.model} is 2-D only")
+        kwargs["spatial_dims"] = 3
     if args.model in ("unet", "attention_unet", "resunet"):
         kwargs["bilinear"] = args.bilinear
     return MODELS[args.model](in_channels, out_channels, **kwargs)

@@ -21,9 +21,10 @@ def labels_from_logits(logits: torch.Tensor, threshold: float = 0.5) -> torch.Te
     return logits.argmax(1)
 
 
-def _labels(t: torch.Tensor, what: str) -> torch.Tensor:
-    """B×H×W int64 from B×H×W or B×1×H×W, integer or integer-valued float."""
-    if t.dim() == 4 and t.shape[1] == 1:
+def _labels(t: torch.Tensor, what: str, other: torch.Tensor) -> torch.Tensor:
+    """B×(D×)H×W int64 from itself or B×1×(D×)H×W (one axis more than `other`), integer or
+    integer-valued float."""
+    if t.dim() == other.dim() + 1 and t.shape[1] == 1:
         t = t[:, 0]
     if t.is_floating_point():
         if (t != t.round()).any():
@@ -36,8 +37,8 @@ def confusion_matrix(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = None
 ) -> torch.Tensor:
     """num_classes × num_classes int64 counts of (target, predicted) pairs over non-ignored
-    pixels. `pred` and `target` are labels, B×H×W or B×1×H×W (binary float masks work)."""
-    pred, target = _labels(pred, "pred"), _labels(target, "target")
+    pixels. `pred` and `target` are labels, B×(D×)H×W or B×1×(D×)H×W (binary float masks work)."""
+    pred, target = _labels(pred, "pred", target), _labels(target, "target", pred)
     if pred.shape != target.shape:
         raise ValueError(
             f"pred and target shapes differ: {tuple(pred.shape)} and {tuple(target.shape)}"

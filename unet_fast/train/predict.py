@@ -2,6 +2,8 @@
 tiling.py) and test-time augmentation, the mean over a task's symmetry views (symmetry.py).
 Reading images and writing masks, and `unet-fast predict`, are in predict_files.py."""
 
+import itertools
+
 import torch
 
 from .symmetry import SYMMETRIES, check_symmetry, turn, turn_back
@@ -11,11 +13,13 @@ from .tiling import blend_weight, mirror_pad, model_padding, plan
 def predict_tiled(
     model, image: torch.Tensor, tile: int = 256, overlap: int = 32, batch_size: int = 4
 ) -> torch.Tensor:
-    """Logits K×H×W (float32, on the image's device) for a normalised C×H×W float image.
+    """Logits K×H×W (float32, on the image's device) for a normalised C×H×W float image, or
+    K×D×H×W for a C×D×H×W volume and a 3-D model.
 
-    `tile`: the largest model input per tile (rounded down to a valid size: a multiple of 16
-    for "same" padding, the paper's geometry for "valid"); `overlap`: the least overlap of
-    neighbouring tiles' outputs (the stride is rounded down to a multiple of 16). Runs under
+    `tile`: the largest model input per tile, one size or one per axis (rounded down to a valid
+    size: a multiple of 16 for "same" padding, the paper's geometry for "valid"); `overlap`:
+    the least overlap of neighbouring tiles' outputs (the stride is rounded down to a multiple
+    of 16). Runs under
     inference_mode in batches of `batch_size` tiles on the model's device, with the model in
     eval mode (restored afterwards), so a tile's result never depends on its batch.
     """
@@ -35,18 +39,19 @@ def predict_averaged(
 
 
 def _check(model, image, overlap, batch_size):
-    if not isinstance(image, torch.Tensor) or image.dim() != 3:
+    dims = getattr(model, "spatial_dims", 2)
+    layout = "C×H×W" if dims == 2 else "C×D×H×W"
+    if not isinstance(image, torch.Tensor) or image.dim() != dims + 1:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"predict_tiled expects a C×H×W tensor, got {shape}")
+        raise ValueError(f"a {dims}-D model predicts a {layout} tensor, got {shape}")
     if not image.is_floating_point():
         raise ValueError(f"predict_tiled expects a floating-point image, got {image.dtype}")
-    channels, height, width = image.shape
-    if channels != model.in_channels:
+    if image.shape[0] != model.in_channels:
         raise ValueError(
-            f"the model expects {model.in_channels} channels, the image has {channels}"
+            f"the model expects {model.in_channels} channels, the image has {image.shape[0]}"
         )
-    if height == 0 or width == 0:
-        raise ValueError(f"the image is empty: {height}x{width}")
+    if 0 in image.shape[1:]:
+        raise ValueError(f"the image is empty: {'x'.join(map(str, image.shape[1:]))}")
     if overlap < 0 or batch_size < 1:
         raise ValueError(f"need overlap >= 0 and batch_size >= 1, got {overlap} and {batch_size}")
 
@@ -57,34 +62,35 @@ class _View:
     def __init__(self, model, image, view, tile, overlap, device, dtype):
         self.view = view
         turned = turn(image, view).contiguous()
-        self.height, self.width = turned.shape[1:]
-        self.rows, self.cols = plan(self.height, self.width, tile, overlap, model_padding(model))
-        self.padded = mirror_pad(turned.to(device=device, dtype=dtype), self.rows, self.cols)
-        self.tiles = [(y, x) for y in self.rows.starts for x in self.cols.starts]
-        self.shape = (self.rows.tile_in, self.cols.tile_in)
-        self.weight = blend_weight(self.rows, self.cols, device)
-        canvas = (self.rows.canvas, self.cols.canvas)
+        self.size = turned.shape[1:]
+        self.axes = plan(self.size, tile, overlap, model_padding(model))
+        self.padded = mirror_pad(turned.to(device=device, dtype=dtype), self.axes)
+        self.tiles = list(itertools.product(*(axis.starts for axis in self.axes)))
+        self.shape = tuple(axis.tile_in for axis in self.axes)
+        self.weight = blend_weight(self.axes, device)
+        canvas = tuple(axis.canvas for axis in self.axes)
         self.total = torch.zeros(model.num_classes, *canvas, device=device)
         self.norm = torch.zeros(canvas, device=device)
         self.done, self.result = 0, None
 
-    def crop(self, y, x):
-        return self.padded[:, y : y + self.rows.tile_in, x : x + self.cols.tile_in]
+    def crop(self, starts):
+        inputs = (slice(s, s + a.tile_in) for s, a in zip(starts, self.axes, strict=True))
+        return self.padded[(slice(None), *inputs)]
 
-    def add(self, y, x, logits):
+    def add(self, starts, logits):
         """Blends one tile's logits in; after the last tile keeps only the view's result (all
         views' canvases at once would crowd the memory the model's batches run in)."""
+        image = (slice(None), *(slice(0, n) for n in self.size))
         if len(self.tiles) == 1:  # no blending: bit for bit the plain forward pass
-            self.result = turn_back(logits[:, : self.height, : self.width], self.view)
+            self.result = turn_back(logits[image], self.view)
         else:
-            out = (slice(y, y + self.rows.tile_out), slice(x, x + self.cols.tile_out))
+            out = tuple(slice(s, s + a.tile_out) for s, a in zip(starts, self.axes, strict=True))
             self.total[(slice(None), *out)] += logits * self.weight
             self.norm[out] += self.weight
             self.done += 1
             if self.done < len(self.tiles):
                 return
-            blended = (self.total / self.norm)[:, : self.height, : self.width]
-            self.result = turn_back(blended, self.view)
+            self.result = turn_back((self.total / self.norm)[image], self.view)
         self.padded = self.total = self.norm = None
 
 
@@ -97,7 +103,7 @@ def predict_views(model, image, views, tile=256, overlap=32, batch_size=4) -> to
     device = parameter.device
     planned = [_View(model, image, v, tile, overlap, device, parameter.dtype) for v in views]
     work = sorted(
-        ((view.shape, k, y, x) for k, view in enumerate(planned) for y, x in view.tiles),
+        ((view.shape, k, starts) for k, view in enumerate(planned) for starts in view.tiles),
         key=lambda item: item[0],
     )
     training = model.training
@@ -109,10 +115,10 @@ def predict_views(model, image, views, tile=256, overlap=32, batch_size=4) -> to
                 shape = work[first][0]
                 chunk = [item for item in work[first : first + batch_size] if item[0] == shape]
                 first += len(chunk)
-                out = model(torch.stack([planned[k].crop(y, x) for _, k, y, x in chunk]))
+                out = model(torch.stack([planned[k].crop(starts) for _, k, starts in chunk]))
                 out = (out[-1] if isinstance(out, (list, tuple)) else out).float()
-                for (_, k, y, x), logits in zip(chunk, out, strict=True):
-                    planned[k].add(y, x, logits)
+                for (_, k, starts), logits in zip(chunk, out, strict=True):
+                    planned[k].add(starts, logits)
     finally:
         model.train(training)
     results = [view.result for view in planned]

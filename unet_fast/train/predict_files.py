@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .images import SUFFIXES, page_sizes, read_image
+from .images import (
+    SUFFIXES,
+    is_volume,
+    page_sizes,
+    read_image,
+    read_volume,
+    volume_stem,
+    write_volume_mask,
+)
 from .offset import load_offset
 from .predict import predict_averaged
 
@@ -67,8 +75,12 @@ def _data_entry(state: dict, path, model) -> dict:
     return data
 
 
-def _collect(inputs) -> list[Path]:
-    """Image files: each file as given, each folder's PNG/TIFF files sorted by name."""
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in SUFFIXES
+
+
+def _collect(inputs, wanted=_is_image, what="PNG or TIFF images") -> list[Path]:
+    """Image files: each file as given, each folder's `wanted` files sorted by name."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     files: list[Path] = []
@@ -77,10 +89,10 @@ def _collect(inputs) -> list[Path]:
             found = sorted(
                 p
                 for p in item.iterdir()
-                if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".")
+                if p.is_file() and wanted(p) and not p.name.startswith(".")
             )
             if not found:
-                raise ValueError(f"folder {item} holds no PNG or TIFF images")
+                raise ValueError(f"folder {item} holds no {what}")
             files += found
         elif item.is_file():
             files.append(item)
@@ -215,6 +227,8 @@ def predict_files(
     """Predicts every image in `inputs` (files and folders; every page of a TIFF stack) with the
     model in `checkpoint` and writes `<stem>_mask.png` and `<stem>_overlay.png` (TIFF stack pages
     `<stem>_p<page>_...`) to `out_dir`. Returns the written paths, mask then overlay per image.
+    A 3-D model's inputs are volumes (NIfTI, TIFF stacks), z-scored as training read them, and
+    each gets `<stem>_mask.nii.gz` (the input's affine) or `<stem>_mask.tif`.
 
     Images are read and normalised as the checkpoint's "data" entry records. Binary masks hold
     `foreground_value` for the positive class and the other of 0/255 elsewhere; multi-class
@@ -233,17 +247,21 @@ def predict_files(
 
     from .augment import val_transforms  # albumentations and OpenCV: loaded when predicting
 
-    files = _collect(inputs)
     device = _device(device)
     model, state = load_model(checkpoint, map_location=device)
     data = _data_entry(state, checkpoint, model)
+    symmetry = state.get("config", {}).get("symmetry", "dihedral")  # --tta: the training's views
+    tiling = {"tile": tile, "overlap": overlap, "batch_size": batch_size}
+    if getattr(model, "spatial_dims", 2) == 3:
+        volumes = _collect(inputs, is_volume, "NIfTI or TIFF volumes")
+        return _predict_volumes(model, data, volumes, Path(out_dir), tta, symmetry, tiling)
+    files = _collect(inputs)
     offset = load_offset(state, model.num_classes, checkpoint)
     samples = _samples(files, data["channels"])
     out_dir = Path(out_dir)
     outputs = _outputs(samples, out_dir)
     _output_folder(out_dir)
     transform = val_transforms(data["channels"], mean=data["mean"], std=data["std"])
-    symmetry = state.get("config", {}).get("symmetry", "dihedral")  # --tta: the training's views
 
     written = []
     for (path, page, _), (mask_path, overlay_path) in zip(
@@ -253,9 +271,7 @@ def predict_files(
     ):
         image = _read(path, page, data["channels"])
         x = transform(image=image)["image"]
-        logits = predict_averaged(
-            model, x, tta, symmetry, tile=tile, overlap=overlap, batch_size=batch_size
-        )
+        logits = predict_averaged(model, x, tta, symmetry, **tiling)
         if offset is not None:  # the labels' learnt offset (--learn-offset)
             with torch.inference_mode():
                 logits = offset(logits[None])[0]
@@ -265,6 +281,31 @@ def predict_files(
         _save_png(overlay(image, classes), overlay_path)
         written += [mask_path, overlay_path]
     return written
+
+
+def _predict_volumes(model, data, files, out_dir, tta, symmetry, tiling) -> list[Path]:
+    """predict_files for a 3-D model: every volume read (z-scored) and checked before anything
+    is written; masks as NIfTI (with the input's affine) or TIFF stacks, as the input was."""
+    suffixes = {
+        p: ".nii.gz" if p.name.lower().endswith((".nii", ".nii.gz")) else ".tif" for p in files
+    }
+    outputs = [out_dir / f"{volume_stem(p)}_mask{suffixes[p]}" for p in files]
+    if len(set(outputs)) < len(outputs):
+        raise ValueError("two input volumes share a name: predict them into separate folders")
+    if {o.resolve() for o in outputs} & {p.resolve() for p in files}:
+        raise ValueError("a mask would replace an input volume: choose another --out folder")
+    volumes = []
+    for path in files:  # every volume read up front: a bad one fails before anything is written
+        try:
+            volumes.append(read_volume(path, data["channels"]))
+        except Exception as error:
+            raise _unreadable(path, error) from None
+    _output_folder(out_dir)
+    for path, volume, output in zip(files, volumes, outputs, strict=True):
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(volume, -1, 0)))
+        logits = predict_averaged(model, x, tta, symmetry, **tiling).cpu()
+        write_volume_mask(_mask_values(logits, data)[1], output, like=path)
+    return outputs
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -279,7 +320,12 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `unet-fast predict`."""
     parser.add_argument("checkpoint", help="a checkpoint saved by `unet-fast train`")
-    parser.add_argument("inputs", nargs="+", help="images (PNG, TIFF stacks) or folders of them")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="images (PNG, TIFF stacks) or folders of them; volumes (NIfTI, TIFF stacks) for "
+        "a 3-D model",
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -290,7 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile",
         type=int,
         default=256,
-        help="largest model input per tile, in pixels (default 256)",
+        help="largest model input per tile along each axis, in pixels (default 256)",
     )
     parser.add_argument(
         "--overlap",
@@ -334,5 +380,7 @@ def main(args: argparse.Namespace) -> list[Path]:
         )
     except OSError as error:  # a missing input, or a disk failing mid-run
         raise ValueError(str(error)) from None
-    print(f"wrote {len(written) // 2} masks and overlays to {args.out}")
+    masks = sum(path.name.rsplit(".", 2)[0].endswith("_mask") for path in written)
+    what = "masks and overlays" if masks < len(written) else "masks"
+    print(f"wrote {masks} {what} to {args.out}")
     return written

@@ -6,10 +6,11 @@ INTERIOR, MEMBRANE, ORGANELLE = 0, 1, 2
 
 
 def _smooth(image: np.ndarray, passes: int = 2) -> np.ndarray:
-    """Separable [1, 2, 1] / 4 blur with replicated borders, `passes` times."""
+    """Separable [1, 2, 1] / 4 blur along every axis with replicated borders, `passes` times."""
+    axes = range(image.ndim)
     for _ in range(passes):
-        for axis in (0, 1):
-            padded = np.pad(image, [(1, 1) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+        for axis in axes:
+            padded = np.pad(image, [(1, 1) if a == axis else (0, 0) for a in axes], mode="edge")
             lo, mid, hi = (
                 np.take(padded, range(k, k + image.shape[axis]), axis=axis) for k in range(3)
             )
@@ -79,4 +80,43 @@ def cell_sample(
     image = np.select([classes == MEMBRANE, classes == ORGANELLE], [0.15, 0.35], brightness)
     image = _smooth(image + 0.03 * rng.standard_normal((h, w)))  # texture, then optics blur
     image = image + noise * rng.standard_normal((h, w))
+    return np.clip(image, 0, 1).astype(np.float32), classes
+
+
+def cell_volume(
+    rng: np.random.Generator,
+    size: tuple[int, int, int],
+    cell_size: float = 16.0,
+    noise: float = 0.05,
+    membrane_width: float = 1.0,
+):
+    """One volume (D×H×W float32 in [0, 1]) and its classes (D×H×W int32: 0 interior, 1
+    membrane, 2 organelle): `cell_sample` in 3-D. Cells are the Voronoi regions of points
+    jittered on a grid of `cell_size` (each voxel needs the points of its 3×3×3 grid
+    neighbourhood); membranes where the nearest and second-nearest distances differ by less
+    than `membrane_width`; about 40% of cells hold a dark sphere around their point."""
+    shape = tuple(size)
+    s = float(cell_size)
+    grid = tuple(int(np.ceil(n / s)) + 2 for n in shape)  # a shell of cells beyond the edge
+    points = (np.indices(grid).transpose(1, 2, 3, 0) - 1 + rng.uniform(0, 1, (*grid, 3))) * s
+    voxel = np.indices(shape).transpose(1, 2, 3, 0).astype(np.float64)
+    cell = np.floor(voxel / s).astype(np.int64) + 1
+    d1, d2 = np.full(shape, np.inf), np.full(shape, np.inf)
+    nearest = np.zeros(shape, np.int64)
+    for offset in np.ndindex(3, 3, 3):
+        index = tuple(cell[..., a] + offset[a] - 1 for a in range(3))
+        d = np.linalg.norm(voxel - points[index], axis=-1)
+        closer = d < d1
+        d2 = np.where(closer, d1, np.minimum(d2, d))
+        d1 = np.where(closer, d, d1)
+        nearest = np.where(closer, np.ravel_multi_index(index, grid), nearest)
+    classes = np.where(d2 - d1 < membrane_width, MEMBRANE, INTERIOR).astype(np.int32)
+    radius = rng.uniform(1.5, 0.3 * s, int(np.prod(grid)))[nearest]
+    has_organelle = (rng.uniform(size=int(np.prod(grid))) < 0.4)[nearest]
+    classes[(classes == INTERIOR) & has_organelle & (d1 < radius)] = ORGANELLE
+
+    brightness = rng.uniform(0.55, 0.85, int(np.prod(grid)))[nearest]
+    image = np.select([classes == MEMBRANE, classes == ORGANELLE], [0.15, 0.35], brightness)
+    image = _smooth(image + 0.03 * rng.standard_normal(shape), passes=1)
+    image = image + noise * rng.standard_normal(shape)
     return np.clip(image, 0, 1).astype(np.float32), classes

@@ -1,18 +1,19 @@
 """The original U-Net paper's overlap-tile geometry: where tiles go, how much context each
-needs, how the image is mirrored around them and how their outputs are blended.
+needs, how the image is mirrored around them and how their outputs are blended; for images
+(H, W) and volumes (D, H, W) alike, each axis planned on its own.
 
 Per axis, the image is covered by tiles of the model's output size that overlap by at least
 `overlap` pixels; each tile's input is the output region plus the model's context margin (none
 for "same" padding, the paper's 92 pixels for "valid"), taken from the image mirrored at its
 borders. Tile outputs are blended with a separable cosine window divided by the summed weights,
 so seams fade smoothly. Tiles start on multiples of 16 (the 4 poolings' grid), so every tile
-sees the pooling grid a whole-image pass would. Tiles that run past the image's bottom or right
-edge see it mirrored. An image that fits one tile is one tile of the next valid size: the image
+sees the pooling grid a whole-image pass would. Tiles that run past the image's far edges see
+it mirrored. An image that fits one tile is one tile of the next valid size: the image
 mirror-padded (bottom and right), its output then cropped.
 """
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -80,18 +81,27 @@ def _axis(size: int, tile: tuple[int, int], overlap: int, padding: str) -> Axis:
     )
 
 
-def plan(height: int, width: int, tile: int, overlap: int, padding: str) -> tuple[Axis, Axis]:
-    """(rows, columns) of an image: `tile` is the largest model input per tile (rounded down to
-    a valid size), `overlap` the least overlap of neighbouring tiles' outputs (the stride is
+def plan(
+    shape: Sequence[int], tile: int | Sequence[int], overlap: int, padding: str
+) -> tuple[Axis, ...]:
+    """One Axis per spatial axis of an image of `shape` ((H, W) or (D, H, W)): `tile` is the
+    largest model input per tile, one size for every axis or one per axis (rounded down to a
+    valid size), `overlap` the least overlap of neighbouring tiles' outputs (the stride is
     rounded down to the grid). ValueError for a tile too small or an overlap that leaves no
     stride."""
-    tile_size = _tile_size(tile, padding)
-    if (tile_size[1] - overlap) // GRID < 1:
-        raise ValueError(
-            f"overlap {overlap} leaves no room to move: tiles of {tile_size[0]} "
-            f"pixels (output {tile_size[1]}) need overlap <= {tile_size[1] - GRID}"
-        )
-    return _axis(height, tile_size, overlap, padding), _axis(width, tile_size, overlap, padding)
+    tiles = (tile,) * len(shape) if isinstance(tile, int) else tuple(tile)
+    if len(tiles) != len(shape):
+        raise ValueError(f"{len(tiles)} tile sizes for an image of {len(shape)} axes {shape}")
+    axes = []
+    for size, length in zip(shape, tiles, strict=True):
+        tile_size = _tile_size(length, padding)
+        if (tile_size[1] - overlap) // GRID < 1:
+            raise ValueError(
+                f"overlap {overlap} leaves no room to move: tiles of {tile_size[0]} "
+                f"pixels (output {tile_size[1]}) need overlap <= {tile_size[1] - GRID}"
+            )
+        axes.append(_axis(size, tile_size, overlap, padding))
+    return tuple(axes)
 
 
 def _reflect(n: int, before: int, after: int, device) -> torch.Tensor:
@@ -105,16 +115,13 @@ def _reflect(n: int, before: int, after: int, device) -> torch.Tensor:
     return torch.where(index >= n, period - index, index)
 
 
-def mirror_pad(image: torch.Tensor, rows: Axis, cols: Axis) -> torch.Tensor:
-    """The C×H×W `image` mirrored out to the tiles' canvas plus their context margins."""
-    _, height, width = image.shape
-    device = image.device
-    padded = image.index_select(
-        1, _reflect(height, rows.margin, rows.margin + rows.canvas - height, device)
-    )
-    return padded.index_select(
-        2, _reflect(width, cols.margin, cols.margin + cols.canvas - width, device)
-    )
+def mirror_pad(image: torch.Tensor, axes: Sequence[Axis]) -> torch.Tensor:
+    """The C×(D×)H×W `image` mirrored out to the tiles' canvas plus their context margins."""
+    for dim, axis in enumerate(axes, start=1):
+        n = image.shape[dim]
+        index = _reflect(n, axis.margin, axis.margin + axis.canvas - n, image.device)
+        image = image.index_select(dim, index)
+    return image
 
 
 def _window(length: int, ramp: int, device) -> torch.Tensor:
@@ -128,9 +135,10 @@ def _window(length: int, ramp: int, device) -> torch.Tensor:
     return weight.float()
 
 
-def blend_weight(rows: Axis, cols: Axis, device) -> torch.Tensor:
-    """The weight of each pixel of a tile's output in the blend: the two axes' windows."""
-    return (
-        _window(rows.tile_out, rows.ramp, device)[:, None]
-        * _window(cols.tile_out, cols.ramp, device)[None, :]
-    )
+def blend_weight(axes: Sequence[Axis], device) -> torch.Tensor:
+    """The weight of each pixel of a tile's output in the blend: the product of the axes'
+    windows."""
+    weight = torch.ones((), device=device)
+    for axis in axes:
+        weight = weight[..., None] * _window(axis.tile_out, axis.ramp, device)
+    return weight

@@ -18,10 +18,14 @@ def validation_loader(val_set, env: Distributed, batch_size: int, workers: int) 
     )
 
 
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
 def to_device(images, masks, device, channels_last):
     images = images.to(device, non_blocking=True)
     if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=channels_last_format(images.dim() - 2))
     return images, masks.to(device, non_blocking=True)
 
 

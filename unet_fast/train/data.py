@@ -229,7 +229,7 @@ class SegmentationFolder(_SegmentationData):
         self.num_classes = max(self.num_classes, 2) if self.binary else self.num_classes
         self.ignore_index, self.channels, self.transform = ignore_index, channels, transform
         self.image_dir, self.mask_dir = Path(image_dir), Path(mask_dir)
-        samples = _pair(self.image_dir, self.mask_dir, mask_suffix)
+        samples = self.pair(self.image_dir, self.mask_dir, mask_suffix)
         if indices is not None:
             bad = [i for i in indices if not -len(samples) <= i < len(samples)]
             if bad:
@@ -241,6 +241,15 @@ class SegmentationFolder(_SegmentationData):
         self.samples = samples
         self._cache = {} if cache else None
 
+    pair = staticmethod(_pair)  # (image folder, mask folder, mask suffix) -> samples
+
+    def read(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """(image H×W×C float32, stored mask values H×W) of a sample, their sizes checked."""
+        image = read_image(sample.image, sample.page, self.channels)
+        raw = read_mask(sample.mask, sample.page)
+        _check_size(sample, image.shape[:2], raw.shape)
+        return image, raw
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -249,9 +258,7 @@ class SegmentationFolder(_SegmentationData):
         if self._cache is not None and index in self._cache:  # copies: transforms may write
             return tuple(array.copy() for array in self._cache[index])
         sample = self.samples[index]
-        image = read_image(sample.image, sample.page, self.channels)
-        raw = read_mask(sample.mask, sample.page)
-        _check_size(sample, image.shape[:2], raw.shape)
+        image, raw = self.read(sample)
         mask = map_mask(raw, self.classes, self.ignore_index, str(sample.mask))
         if self._cache is not None:
             self._cache[index] = image.copy(), mask.copy()

@@ -209,13 +209,7 @@ def volume_datasets(args):
     else:
         image_dir, mask_dir = find_image_mask_folders(args.data)
         everything = VolumeFolder(image_dir, mask_dir, foreground=args.foreground)
-        count = len(everything)
-        val_count = args.val_count or max(1, round(0.15 * count))
-        if not 0 < val_count < count:
-            raise ValueError(
-                f"{count} volumes in {image_dir} cannot leave {val_count} for "
-                "validation and some for training"
-            )
+        count, val_count = len(everything), validation_count(args, everything)
         options = {"foreground": args.foreground, "cache": True}
         train = VolumeFolder(
             image_dir, mask_dir, indices=range(count - val_count), transform=augment, **options
@@ -238,6 +232,18 @@ def volume_datasets(args):
         **values,
     }
     return train, val, info
+
+
+def validation_count(args, everything) -> int:
+    """How many of the folder's last samples validate: --val-count, else 15%."""
+    count = len(everything)
+    val_count = args.val_count or max(1, round(0.15 * count))
+    if not 0 < val_count < count:
+        raise ValueError(
+            f"{count} samples in {everything.image_dir} cannot leave {val_count} for "
+            "validation and some for training"
+        )
+    return val_count
 
 
 def class_values(dataset) -> dict:
@@ -284,13 +290,7 @@ def datasets(args):
         image_dir, mask_dir = find_image_mask_folders(args.data)
         options = {"foreground": args.foreground}
         everything = SegmentationFolder(image_dir, mask_dir, **options)
-        count = len(everything)
-        val_count = args.val_count or max(1, round(0.15 * count))
-        if not 0 < val_count < count:
-            raise ValueError(
-                f"{count} samples in {image_dir} cannot leave {val_count} for "
-                "validation and some for training"
-            )
+        count, val_count = len(everything), validation_count(args, everything)
         first = read_image(everything.samples[0].image, everything.samples[0].page)
         channels = first.shape[2]
         # float32 image + int32 mask per pixel, the first sample's size taken for all

@@ -9,11 +9,11 @@ mask=D×H×W int32)` and returns a dict with "image" and "mask".
 
 import math
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .data import _listing, _SegmentationData, binary_classes, map_mask
+from .data import SegmentationFolder, _listing, _SegmentationData
 from .images import (
     is_volume,
     read_volume,
@@ -124,63 +124,19 @@ def _check_shape(sample: VolumeSample, image_shape, mask_shape) -> None:
         )
 
 
-class VolumeFolder(_SegmentationData):
+class VolumeFolder(SegmentationFolder):
     """Volumes (NIfTI `.nii`/`.nii.gz`, multi-page TIFF) in one folder, masks in another, paired
-    by name; SegmentationFolder's options (classes, foreground, ignore_index, binary, indices,
-    cache) mean the same. Volumes are z-scored per channel as they are read."""
+    by name; SegmentationFolder's options (classes, foreground, ignore_index, binary, channels,
+    transform, indices, mask_suffix, cache) mean the same. Volumes are z-scored per channel as
+    they are read; `load` gives D×H×W×C float32 and D×H×W int32 classes."""
 
-    def __init__(
-        self,
-        image_dir,
-        mask_dir,
-        *,
-        classes: Mapping[int, int] | None = None,
-        foreground: int | None = None,
-        ignore_index: int | None = None,
-        binary: bool | None = None,
-        channels: int | None = None,
-        transform: Callable | None = None,
-        indices: Sequence[int] | None = None,
-        mask_suffix: str = "",
-        cache: bool = False,
-    ):
-        if classes is not None and foreground is not None:
-            raise ValueError("give either classes or foreground, not both")
-        self.classes = dict(classes) if classes is not None else binary_classes(foreground)
-        targets = {c for c in self.classes.values() if c != ignore_index}
-        self.num_classes = max(max(targets, default=0) + 1, 2)
-        self.binary = self.num_classes <= 2 if binary is None else binary
-        if self.binary and self.num_classes > 2:
-            raise ValueError(f"binary=True but the mapping has {self.num_classes} classes")
-        self.ignore_index, self.channels, self.transform = ignore_index, channels, transform
-        samples = pair_volumes(Path(image_dir), Path(mask_dir), mask_suffix)
-        if indices is not None:
-            bad = [i for i in indices if not -len(samples) <= i < len(samples)]
-            if bad:
-                raise ValueError(f"indices {bad} out of range: {image_dir} holds {len(samples)}")
-            samples = [samples[i] for i in indices]
-        self.samples = samples
-        self._cache = {} if cache else None
+    pair = staticmethod(pair_volumes)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample `index` before any transform: D×H×W×C float32 z-scored, D×H×W int32 classes."""
-        if self._cache is not None and index in self._cache:
-            return tuple(array.copy() for array in self._cache[index])
-        sample = self.samples[index]
+    def read(self, sample: VolumeSample) -> tuple[np.ndarray, np.ndarray]:
         image = read_volume(sample.image, self.channels)
         raw = read_volume_mask(sample.mask)
         _check_shape(sample, image.shape[:3], raw.shape)
-        mask = map_mask(raw, self.classes, self.ignore_index, str(sample.mask))
-        if self._cache is not None:
-            self._cache[index] = image.copy(), mask.copy()
-        return image, mask
-
-    def validate(self) -> None:
-        for index in range(len(self)):
-            self.load(index)
+        return image, raw
 
 
 class SyntheticVolumes(_SegmentationData):

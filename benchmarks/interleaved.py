@@ -186,33 +186,38 @@ def autocast_ratios(rounds: int):
 
 
 def predict_ratios(rounds: int):
-    """UNet(1, 2, 16, bilinear=False) in eval on a 1024² image, tiles of 256 overlapping by 64:
-    the 8 dihedral views sharing batches of 4 tiles against view by view (each view's last
-    batch partial), and one view against MONAI's sliding_window_inference (same model, tiles,
-    overlap, batch; its constant blending, ours cosine)."""
+    """Overlap-tile prediction in eval. 2-D: UNet(1, 2, 16, bilinear=False) on a 1024² image,
+    tiles of 256 overlapping by 64: the 8 dihedral views sharing batches of 4 tiles against
+    view by view (each view's last batch partial), and one view against MONAI's
+    sliding_window_inference. 3-D: UNet(1, 2, 8, spatial_dims=3, norm="instance") on a
+    96×192×192 volume, tiles of 64³ overlapping by 16, batches of 2, against MONAI. Against
+    MONAI: same model, tiles, overlap, batch and blending (constant: both average the tiles)."""
     import unet_fast
     from unet_fast.train.predict import predict_tiled, predict_views
     from unet_fast.train.symmetry import SYMMETRIES, symmetric_mean
 
     torch.manual_seed(0)
     model = unet_fast.UNet(1, 2, 16, bilinear=False).eval()
-    image = torch.randn(1, 1024, 1024)
+    volume_model = unet_fast.UNet(1, 2, 8, spatial_dims=3, norm="instance").eval()
+    image, volume = torch.randn(1, 1024, 1024), torch.randn(1, 96, 192, 192)
     views = SYMMETRIES["dihedral"]
     fns = {
         "tta shared batches": lambda: predict_views(model, image, views, 256, 64, 4),
         "tta view by view": lambda: symmetric_mean(
             lambda view: predict_tiled(model, view, 256, 64, 4), image
         ),
-        "one view": lambda: predict_tiled(model, image, 256, 64, 4),
+        "2-D ours": lambda: predict_tiled(model, image, 256, 64, 4, "constant"),
+        "3-D ours": lambda: predict_tiled(volume_model, volume, 64, 16, 2, "constant"),
     }
     try:
         from monai.inferers import sliding_window_inference
 
-        def monai():
+        def monai(net, x, tile, batch):
             with torch.inference_mode():
-                sliding_window_inference(image[None], (256, 256), 4, model, overlap=0.25)
+                sliding_window_inference(x[None], tile, batch, net, overlap=0.25)
 
-        fns["monai sliding_window_inference"] = monai
+        fns["2-D MONAI"] = lambda: monai(model, image, (256, 256), 4)
+        fns["3-D MONAI"] = lambda: monai(volume_model, volume, (64, 64, 64), 2)
     except ImportError:
         print("monai is not installed: no sliding_window_inference figure")
     t = interleaved(fns, rounds, warmup=1, block_seconds=0)
@@ -224,11 +229,12 @@ def predict_ratios(rounds: int):
         f"{t['tta view by view'] / t['tta shared batches']:.2f}x "
         f"({t['tta view by view']:.2f} s vs {t['tta shared batches']:.2f} s)"
     )
-    if "monai sliding_window_inference" in t:
-        print(
-            f"one view: MONAI / ours = {t['monai sliding_window_inference'] / t['one view']:.2f}x "
-            f"({t['monai sliding_window_inference']:.2f} s vs {t['one view']:.2f} s)"
-        )
+    for dims in ("2-D", "3-D"):
+        if f"{dims} MONAI" in t:
+            print(
+                f"{dims} one view: MONAI / ours = {t[f'{dims} MONAI'] / t[f'{dims} ours']:.2f}x "
+                f"({t[f'{dims} MONAI']:.2f} s vs {t[f'{dims} ours']:.2f} s)"
+            )
 
 
 if __name__ == "__main__":

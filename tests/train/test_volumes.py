@@ -247,6 +247,8 @@ def test_train_and_predict_volumes_from_the_command_line(tmp_path, capsys):
             "32",
             "--overlap",
             "8",
+            "--blend",
+            "constant",
         ]
     )
     assert code == 0 and "wrote 3 masks to" in capsys.readouterr().out
@@ -299,3 +301,26 @@ def test_train_on_generated_volumes(tmp_path, capsys):
     assert (
         code == 2 and "--crop takes 1 or 3 positive sizes, got [16, 16]" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_constant_blend_equals_monai_sliding_window_inference(dims):
+    """Where the tiles fit the image exactly, both place them alike: with MONAI's constant
+    blending ours averages the same tile outputs."""
+    inferers = pytest.importorskip("monai.inferers")
+    torch.manual_seed(0)
+    model = unet_fast.UNet(1, 2, base_features=4, spatial_dims=dims).eval()
+    shape, tile, overlap = ((64, 80), (32, 48), (0.5, 1 / 3))
+    if dims == 3:
+        shape, tile, overlap = (32, *shape), (32, *tile), (0.5, *overlap)
+    image = torch.randn(1, *shape)
+    ours = predict_tiled(model, image, tile=tile, overlap=16, batch_size=3, blend="constant")
+    with torch.inference_mode():
+        theirs = inferers.sliding_window_inference(
+            image[None], tile, 3, model, overlap=overlap, mode="constant"
+        )[0]
+    torch.testing.assert_close(ours, theirs)
+    cosine = predict_tiled(model, image, tile=tile, overlap=16, batch_size=3)
+    assert not torch.allclose(cosine, theirs)  # the default ramps the overlaps instead
+    with pytest.raises(ValueError, match="blend must be one of"):
+        predict_tiled(model, image, tile=tile, overlap=16, blend="gaussian")

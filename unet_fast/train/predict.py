@@ -11,7 +11,12 @@ from .tiling import blend_weight, mirror_pad, model_padding, plan
 
 
 def predict_tiled(
-    model, image: torch.Tensor, tile: int = 256, overlap: int = 32, batch_size: int = 4
+    model,
+    image: torch.Tensor,
+    tile: int = 256,
+    overlap: int = 32,
+    batch_size: int = 4,
+    blend: str = "cosine",
 ) -> torch.Tensor:
     """Logits K×H×W (float32, on the image's device) for a normalised C×H×W float image, or
     K×D×H×W for a C×D×H×W volume and a 3-D model.
@@ -19,11 +24,11 @@ def predict_tiled(
     `tile`: the largest model input per tile, one size or one per axis (rounded down to a valid
     size: a multiple of 16 for "same" padding, the paper's geometry for "valid"); `overlap`:
     the least overlap of neighbouring tiles' outputs (the stride is rounded down to a multiple
-    of 16). Runs under
-    inference_mode in batches of `batch_size` tiles on the model's device, with the model in
-    eval mode (restored afterwards), so a tile's result never depends on its batch.
+    of 16); `blend`: "cosine" ramps over the overlaps, "constant" averages them plainly. Runs
+    under inference_mode in batches of `batch_size` tiles on the model's device, with the model
+    in eval mode (restored afterwards), so a tile's result never depends on its batch.
     """
-    return predict_views(model, image, [(0, False)], tile, overlap, batch_size)
+    return predict_views(model, image, [(0, False)], tile, overlap, batch_size, blend)
 
 
 def predict_averaged(
@@ -59,7 +64,7 @@ def _check(model, image, overlap, batch_size):
 class _View:
     """One view of the image: its tiles' plan, mirrored canvas, and blended logits."""
 
-    def __init__(self, model, image, view, tile, overlap, device, dtype):
+    def __init__(self, model, image, view, tile, overlap, blend, device, dtype):
         self.view = view
         turned = turn(image, view).contiguous()
         self.size = turned.shape[1:]
@@ -67,7 +72,7 @@ class _View:
         self.padded = mirror_pad(turned.to(device=device, dtype=dtype), self.axes)
         self.tiles = list(itertools.product(*(axis.starts for axis in self.axes)))
         self.shape = tuple(axis.tile_in for axis in self.axes)
-        self.weight = blend_weight(self.axes, device)
+        self.weight = blend_weight(self.axes, device, blend)
         canvas = tuple(axis.canvas for axis in self.axes)
         self.total = torch.zeros(model.num_classes, *canvas, device=device)
         self.norm = torch.zeros(canvas, device=device)
@@ -94,14 +99,16 @@ class _View:
         self.padded = self.total = self.norm = None
 
 
-def predict_views(model, image, views, tile=256, overlap=32, batch_size=4) -> torch.Tensor:
+def predict_views(
+    model, image, views, tile=256, overlap=32, batch_size=4, blend="cosine"
+) -> torch.Tensor:
     """The mean over `views` ((quarter turns, mirror) of symmetry.py) of the overlap-tile logits
     of each view mapped back; the tiles of every view share batches of `batch_size` (tiles of
     one shape per batch)."""
     _check(model, image, overlap, batch_size)
     parameter = next(model.parameters())
     device = parameter.device
-    planned = [_View(model, image, v, tile, overlap, device, parameter.dtype) for v in views]
+    planned = [_View(model, image, v, tile, overlap, blend, device, parameter.dtype) for v in views]
     work = sorted(
         ((view.shape, k, starts) for k, view in enumerate(planned) for starts in view.tiles),
         key=lambda item: item[0],

@@ -24,6 +24,7 @@ from .images import (
 )
 from .offset import load_offset
 from .predict import predict_averaged
+from .tiling import BLENDS
 
 
 def _device(name) -> torch.device:
@@ -223,6 +224,7 @@ def predict_files(
     device=None,
     progress: bool = False,
     tta: bool = False,
+    blend: str = "cosine",
 ) -> list[Path]:
     """Predicts every image in `inputs` (files and folders; every page of a TIFF stack) with the
     model in `checkpoint` and writes `<stem>_mask.png` and `<stem>_overlay.png` (TIFF stack pages
@@ -234,7 +236,7 @@ def predict_files(
     `foreground_value` for the positive class and the other of 0/255 elsewhere; multi-class
     masks hold `class_values[argmax]`. `device` None picks CUDA when present. `tta` averages
     the views the model was trained under (the checkpoint's `symmetry`); a learnt label offset
-    (`--learn-offset`) is applied to the logits.
+    (`--learn-offset`) is applied to the logits. `blend`: see predict.predict_tiled.
 
     Grey and RGB images are converted to the model's channel count as training reads them.
     Errors, raised before anything is written: FileNotFoundError for a missing input,
@@ -251,7 +253,7 @@ def predict_files(
     model, state = load_model(checkpoint, map_location=device)
     data = _data_entry(state, checkpoint, model)
     symmetry = state.get("config", {}).get("symmetry", "dihedral")  # --tta: the training's views
-    tiling = {"tile": tile, "overlap": overlap, "batch_size": batch_size}
+    tiling = {"tile": tile, "overlap": overlap, "batch_size": batch_size, "blend": blend}
     if getattr(model, "spatial_dims", 2) == 3:
         volumes = _collect(inputs, is_volume, "NIfTI or TIFF volumes")
         return _predict_volumes(model, data, volumes, Path(out_dir), tta, symmetry, tiling)
@@ -346,6 +348,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     parser.add_argument(
+        "--blend",
+        default="cosine",
+        choices=BLENDS,
+        help="how overlapping tiles combine: cosine ramps (default) or a plain mean (constant, "
+        "MONAI's sliding_window_inference default)",
+    )
+    parser.add_argument(
         "--device",
         default=None,
         help="cpu, cuda, cuda:1 ... (default: cuda when present, else cpu)",
@@ -377,6 +386,7 @@ def main(args: argparse.Namespace) -> list[Path]:
             device=args.device,
             progress=not args.quiet,
             tta=args.tta,
+            blend=args.blend,
         )
     except OSError as error:  # a missing input, or a disk failing mid-run
         raise ValueError(str(error)) from None

@@ -135,10 +135,17 @@ def _window(length: int, ramp: int, device) -> torch.Tensor:
     return weight.float()
 
 
-def blend_weight(axes: Sequence[Axis], device) -> torch.Tensor:
+BLENDS = ("cosine", "constant")
+
+
+def blend_weight(axes: Sequence[Axis], device, blend: str = "cosine") -> torch.Tensor:
     """The weight of each pixel of a tile's output in the blend: the product of the axes'
-    windows."""
+    cosine windows, or 1 everywhere for "constant" (a plain mean where tiles overlap, MONAI's
+    `sliding_window_inference(mode="constant")`)."""
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {BLENDS}, not {blend!r}")
     weight = torch.ones((), device=device)
     for axis in axes:
-        weight = weight[..., None] * _window(axis.tile_out, axis.ramp, device)
+        ramp = axis.ramp if blend == "cosine" else 0
+        weight = weight[..., None] * _window(axis.tile_out, ramp, device)
     return weight

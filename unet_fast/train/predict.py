@@ -72,7 +72,8 @@ class _View:
         self.padded = mirror_pad(turned.to(device=device, dtype=dtype), self.axes)
         self.tiles = list(itertools.product(*(axis.starts for axis in self.axes)))
         self.shape = tuple(axis.tile_in for axis in self.axes)
-        self.weight = blend_weight(self.axes, device, blend)
+        # constant blending adds the tiles as they are: no weight to multiply by
+        self.weight = blend_weight(self.axes, device, blend) if blend != "constant" else None
         canvas = tuple(axis.canvas for axis in self.axes)
         self.total = torch.zeros(model.num_classes, *canvas, device=device)
         self.norm = torch.zeros(canvas, device=device)
@@ -90,12 +91,13 @@ class _View:
             self.result = turn_back(logits[image], self.view)
         else:
             out = tuple(slice(s, s + a.tile_out) for s, a in zip(starts, self.axes, strict=True))
-            self.total[(slice(None), *out)] += logits * self.weight
-            self.norm[out] += self.weight
+            weighted = logits if self.weight is None else logits * self.weight
+            self.total[(slice(None), *out)] += weighted
+            self.norm[out] += 1 if self.weight is None else self.weight
             self.done += 1
             if self.done < len(self.tiles):
                 return
-            self.result = turn_back((self.total / self.norm)[image], self.view)
+            self.result = turn_back(self.total[image].div_(self.norm[image[1:]]), self.view)
         self.padded = self.total = self.norm = None
 
 

@@ -117,6 +117,11 @@ def _reflect(n: int, before: int, after: int, device) -> torch.Tensor:
 
 def mirror_pad(image: torch.Tensor, axes: Sequence[Axis]) -> torch.Tensor:
     """The C×(D×)H×W `image` mirrored out to the tiles' canvas plus their context margins."""
+    pads = []  # F.pad's order: last axis first, (before, after)
+    for axis, n in zip(reversed(axes), reversed(image.shape[1:])):
+        pads += [axis.margin, axis.margin + axis.canvas - n]
+    if max(pads) < min(image.shape[1:]):  # F.pad's reflection, many times faster
+        return torch.nn.functional.pad(image[None], pads, mode="reflect")[0]
     for dim, axis in enumerate(axes, start=1):
         n = image.shape[dim]
         index = _reflect(n, axis.margin, axis.margin + axis.canvas - n, image.device)

@@ -75,22 +75,25 @@ TORCH_LIBRARY(unet_fast, m) {
 
   // Norm + activation on a 4-D or 5-D activation with batch statistics: groups 0 is BatchNorm
   // (statistics per channel), groups G > 0 GroupNorm (per sample and group; InstanceNorm is
-  // G = C); act is relu, leaky_relu (negative slope `slope`) or identity. Returns the output,
+  // G = C); act is relu, leaky_relu (negative slope `slope`), prelu (its weight `act_weight`,
+  // one per channel or one for all) or identity. Returns the output,
   // mean, 1/sqrt(var + eps) and unbiased variance per unit ((C,) or (N, G), float32; float64
   // for float64 input). Functional: the caller updates running statistics.
   m.def(
       "norm_act(Tensor y, int groups, Tensor? weight, Tensor? bias, float eps, str act, "
-      "float slope) -> (Tensor, Tensor, Tensor, Tensor)",
+      "float slope, Tensor? act_weight=None) -> (Tensor, Tensor, Tensor, Tensor)",
       kExactStrides);
   // act(norm(y)) with given per-unit statistics (mean, invstd as norm_act returns them): the
   // activation a chain of layers rebuilds in backward instead of keeping it.
   m.def(
       "norm_act_apply(Tensor y, int groups, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor invstd, str act, float slope) -> Tensor",
+      "Tensor invstd, str act, float slope, Tensor? act_weight=None) -> Tensor",
       kExactStrides);
-  // (grad_y, grad_weight, grad_bias) of norm_act; the activation's mask is recomputed from y.
+  // (grad_y, grad_weight, grad_bias, grad_act_weight) of norm_act (the last empty without
+  // act_weight); the activation's mask is recomputed from y.
   m.def(
       "norm_act_backward(Tensor grad_out, Tensor y, int groups, Tensor? weight, Tensor? bias, "
-      "Tensor mean, Tensor invstd, str act, float slope) -> (Tensor, Tensor, Tensor)",
+      "Tensor mean, Tensor invstd, str act, float slope, Tensor? act_weight=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor)",
       kExactStrides);
 }

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from . import _backend
+from .models.networks import NETWORKS
 
 
 class Parser(argparse.ArgumentParser):
@@ -21,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--model",
         default="unet",
-        choices=["unet", "nnunet-2d", "nnunet-3d", "monai-basicunet-3d"],
+        choices=["unet", *NETWORKS],
         help="unet: the tutorial's UNet against unet_fast.UNet; the others: that library's "
         "network against unet_fast.fuse() of it",
     )

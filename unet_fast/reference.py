@@ -102,9 +102,11 @@ def norm_act(
     eps: float,
     act: str,
     negative_slope: float,
+    act_weight=None,
 ):
     """act(norm(y)) for a 4-D or 5-D y: norm "batch" | "instance" | "group" (`groups` groups) |
-    "none", act "relu" | "leaky_relu" (`negative_slope`) | "identity". Batch and instance norm
+    "none", act "relu" | "leaky_relu" (`negative_slope`) | "prelu" (weight `act_weight`) |
+    "identity". Batch and instance norm
     use batch statistics when training or without running statistics, and then update the
     running statistics in place."""
     if norm == "batch":
@@ -118,6 +120,8 @@ def norm_act(
         return F.relu(y)
     if act == "leaky_relu":
         return F.leaky_relu(y, negative_slope)
+    if act == "prelu":
+        return F.prelu(y, act_weight)
     return y
 
 

@@ -1,8 +1,9 @@
 // Norm + activation on the CPU, fused, for 2-D and 3-D activations in channels-first or
 // channels-last layout: BatchNorm (statistics per channel over the batch) or GroupNorm
 // (statistics per sample and group of channels; InstanceNorm is one channel per group), then
-// ReLU, LeakyReLU or nothing. Forward = one statistics pass and one normalise+activate pass;
-// backward = one reduction pass and one gradient pass, the activation's mask recomputed from y.
+// ReLU, LeakyReLU, PReLU or nothing. Forward = one statistics pass and one normalise+activate pass;
+// backward = one reduction pass and one gradient pass, the activation's mask recomputed from y
+// (PReLU's weight gradient: one more reduction pass).
 //
 // Every pass works on (sample, channel) planes: per-plane sums are reduced to the statistics'
 // units (a channel for BatchNorm, a (sample, group) for GroupNorm), and per-plane coefficients
@@ -31,13 +32,15 @@ using Vec = typename Io<scalar_t>::Vec;
 template <typename scalar_t>
 using acc = at::opmath_type<scalar_t>;
 
-enum class Act { kRelu, kLeakyRelu, kIdentity };
+// PReLU is LeakyReLU with a slope per channel (or one for all) that is a parameter.
+enum class Act { kRelu, kLeakyRelu, kPrelu, kIdentity };
 
 Act parse_act(const std::string& act) {
   if (act == "relu") return Act::kRelu;
   if (act == "leaky_relu") return Act::kLeakyRelu;
+  if (act == "prelu") return Act::kPrelu;
   if (act == "identity") return Act::kIdentity;
-  TORCH_CHECK(false, "norm_act: act must be relu, leaky_relu or identity, got ", act);
+  TORCH_CHECK(false, "norm_act: act must be relu, leaky_relu, prelu or identity, got ", act);
 }
 
 // The layout of an (N, C, *spatial) activation and its statistics' units.
@@ -85,18 +88,20 @@ std::vector<A> per_plane(const Layout& l, const std::function<A(int64_t n, int64
   return out;
 }
 
-// Per-plane mean, scale = gamma * invstd and beta: the pre-activation is (y - mean) * scale +
-// beta, centred so that a tiny variance (a huge scale) cancels nothing.
+// Per-plane mean, scale = gamma * invstd, beta and the activation's negative slope: the
+// pre-activation is (y - mean) * scale + beta, centred so that a tiny variance (a huge scale)
+// cancels nothing.
 template <typename A>
 struct Coefficients {
-  std::vector<A> mean, scale, beta;
+  std::vector<A> mean, scale, beta, slope;
   Coefficients(const Layout& l, const A* m, const A* is, const std::vector<double>& gamma,
-               const std::vector<double>& b)
+               const std::vector<double>& b, const std::vector<double>& slopes)
       : mean(per_plane<A>(l, [&](int64_t n, int64_t c) { return m[l.unit_of(n, c)]; })),
         scale(per_plane<A>(
             l,
             [&](int64_t n, int64_t c) { return static_cast<A>(gamma[c] * is[l.unit_of(n, c)]); })),
-        beta(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(b[c]); })) {}
+        beta(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(b[c]); })),
+        slope(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(slopes[c]); })) {}
 };
 
 // Per-plane sums of op(y, dy, coefficients), reduced to units.
@@ -131,7 +136,8 @@ void plane_map(const Layout& l, scalar_t* out, const scalar_t* y, const scalar_t
 }
 
 // The activation of the pre-activation a, and its mask applied to d: F.relu's (the gradient
-// passes unless a <= 0, so NaN passes it) and F.leaky_relu's (a > 0 ? d : d * slope).
+// passes unless a <= 0, so NaN passes it) and F.leaky_relu's and F.prelu's (a > 0 ? d : d *
+// slope).
 template <typename T>
 T activate(Act act, T a, T slope) {
   if (act == Act::kIdentity) return a;
@@ -172,31 +178,46 @@ void check_param(const char* op, const char* name, const Optional& t, int64_t C)
     TORCH_CHECK(t->numel() == C, op, ": ", name, " must have ", C, " elements, got ", t->numel());
 }
 
+bool defined(const Optional& t) { return t.has_value() && t->defined(); }
+
+// Each channel's negative slope: PReLU's weight (one per channel, or one for all), LeakyReLU's
+// slope, 0 otherwise (unused).
+std::vector<double> channel_slopes(const char* op, Act act, double slope, const Optional& prelu,
+                                   int64_t C) {
+  TORCH_CHECK((act == Act::kPrelu) == defined(prelu), op,
+              ": act_weight is PReLU's weight: give it with act=prelu and only then");
+  if (act != Act::kPrelu) return std::vector<double>(C, act == Act::kLeakyRelu ? slope : 0.0);
+  TORCH_CHECK(prelu->numel() == 1 || prelu->numel() == C, op, ": PReLU's weight must have 1 or ", C,
+              " elements, got ", prelu->numel());
+  return prelu->numel() == 1 ? std::vector<double>(C, prelu->to(at::kDouble).item<double>())
+                             : per_channel(prelu, C, 0.0);
+}
+
 // out = act((y - mean) * gamma * invstd + beta) per plane, with per-unit statistics.
 void apply(at::Tensor& out, const at::Tensor& y, const Layout& l, const at::Tensor& mean,
            const at::Tensor& invstd, const std::vector<double>& gamma,
-           const std::vector<double>& beta, Act act, double slope) {
+           const std::vector<double>& beta, Act act, const std::vector<double>& slopes) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_apply", [&] {
     using V = Vec<scalar_t>;
     using A = acc<scalar_t>;
-    const Coefficients<A> k(l, mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), gamma, beta);
-    const A s = static_cast<A>(slope);
-    plane_map<scalar_t, 3>(
+    const Coefficients<A> k(l, mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), gamma, beta,
+                            slopes);
+    plane_map<scalar_t, 4>(
         l, out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), nullptr,
-        {k.mean.data(), k.scale.data(), k.beta.data()},
-        [act, s](V v, V, const std::array<V, 3>& k) {
-          return activate_vec(act, (v - k[0]) * k[1] + k[2], V(s));
+        {k.mean.data(), k.scale.data(), k.beta.data(), k.slope.data()},
+        [act](V v, V, const std::array<V, 4>& k) {
+          return activate_vec(act, (v - k[0]) * k[1] + k[2], k[3]);
         },
-        [act, s](A v, A, const std::array<A, 3>& k) {
-          return activate(act, (v - k[0]) * k[1] + k[2], s);
+        [act](A v, A, const std::array<A, 4>& k) {
+          return activate(act, (v - k[0]) * k[1] + k[2], k[3]);
         });
   });
 }
 
 at::Tensor norm_act_apply_cpu(const at::Tensor& y_in, int64_t groups, const Optional& weight,
                               const Optional& bias, const at::Tensor& mean_in,
-                              const at::Tensor& invstd_in, c10::string_view act_name,
-                              double slope) {
+                              const at::Tensor& invstd_in, c10::string_view act_name, double slope,
+                              const Optional& act_weight) {
   const Act act = parse_act(std::string(act_name));
   const auto format = format_of(y_in);
   const at::Tensor y = y_in.contiguous(format);
@@ -209,19 +230,20 @@ at::Tensor norm_act_apply_cpu(const at::Tensor& y_in, int64_t groups, const Opti
   at::Tensor out = at::empty_like(y, format);
   if (y.numel() > 0)
     apply(out, y, l, mean, invstd, per_channel(weight, l.C, 1.0), per_channel(bias, l.C, 0.0), act,
-          slope);
+          channel_slopes("norm_act_apply", act, slope, act_weight, l.C));
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
     const at::Tensor& y_in, int64_t groups, const Optional& weight, const Optional& bias,
-    double eps, c10::string_view act_name, double slope) {
+    double eps, c10::string_view act_name, double slope, const Optional& act_weight) {
   const Act act = parse_act(std::string(act_name));
   const auto format = format_of(y_in);
   const at::Tensor y = y_in.contiguous(format);
   const Layout l = layout_of("norm_act", y, groups);
   check_param("norm_act", "weight", weight, l.C);
   check_param("norm_act", "bias", bias, l.C);
+  const auto slopes = channel_slopes("norm_act", act, slope, act_weight, l.C);
   const int64_t count = l.count();
   TORCH_CHECK(groups != 0 || count != 1,
               "Expected more than 1 value per channel when training, got input size ", y.sizes());
@@ -247,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
     cpu::finish_moments<A>(sum, sum_sq, unit_first.data(), l.units(), count, eps,
                            mean.data_ptr<A>(), invstd.data_ptr<A>(), unbiased_var.data_ptr<A>());
   });
-  apply(out, y, l, mean, invstd, gamma, beta, act, slope);
+  apply(out, y, l, mean, invstd, gamma, beta, act, slopes);
   return {out, mean, invstd, unbiased_var};
 }
 
@@ -255,10 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
 // grad_y = k*gz - invstd * (sum over the unit of gamma*gz)/n - invstd * xhat * (sum of
 // gamma*gz*xhat)/n, xhat = (y - mean) * invstd; written as k*gz + a*(y - mean) + b per plane
 // (centred: a*y + b' would cancel catastrophically where the variance is tiny and a huge).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& y_in, int64_t groups, const Optional& weight,
     const Optional& bias, const at::Tensor& mean_in, const at::Tensor& invstd_in,
-    c10::string_view act_name, double slope) {
+    c10::string_view act_name, double slope, const Optional& act_weight) {
   const Act act = parse_act(std::string(act_name));
   TORCH_CHECK(grad_out.sizes() == y_in.sizes(), "norm_act_backward: grad_out of shape ",
               grad_out.sizes(), " does not match y of shape ", y_in.sizes());
@@ -272,9 +294,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
   TORCH_CHECK(mean.numel() == l.units() && invstd.numel() == l.units(),
               "norm_act_backward: expected ", l.units(), " statistics, got ", mean.numel());
   const auto gamma = per_channel(weight, l.C, 1.0), beta = per_channel(bias, l.C, 0.0);
+  const auto slopes = channel_slopes("norm_act_backward", act, slope, act_weight, l.C);
   at::Tensor grad_y = at::empty_like(y, format);
   at::Tensor grad_weight = at::zeros({l.C}, at::TensorOptions().dtype(at::kDouble));
   at::Tensor grad_bias = at::zeros_like(grad_weight);
+  at::Tensor grad_slope = at::zeros_like(grad_weight);  // PReLU's, per channel
   if (y.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_backward", [&] {
       using V = Vec<scalar_t>;
@@ -284,21 +308,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
       const A* m = mean.const_data_ptr<A>();
       const A* is = invstd.const_data_ptr<A>();
       auto unit = [&](int64_t n, int64_t c) { return l.unit_of(n, c); };
-      const Coefficients<A> k(l, m, is, gamma, beta);
-      const A s = static_cast<A>(slope);
+      const Coefficients<A> k(l, m, is, gamma, beta, slopes);
+      const std::array<const A*, 4> coefficients{k.mean.data(), k.scale.data(), k.beta.data(),
+                                                 k.slope.data()};
       // per-plane sums (not per unit: the affine gradients are per channel)
       Layout planes = l;
       planes.groups = l.C;  // one unit per (sample, channel)
-      auto [sum_dy, sum_dy_xmu] = unit_sums<scalar_t, 3>(
-          planes, yp, dyp, {k.mean.data(), k.scale.data(), k.beta.data()},
-          [act, s](V v, V d, const std::array<V, 3>& k) {
-            const V masked = mask_vec(act, (v - k[0]) * k[1] + k[2], d, V(s));
+      auto [sum_dy, sum_dy_xmu] = unit_sums<scalar_t, 4>(
+          planes, yp, dyp, coefficients,
+          [act](V v, V d, const std::array<V, 4>& k) {
+            const V masked = mask_vec(act, (v - k[0]) * k[1] + k[2], d, k[3]);
             return std::pair{masked, masked * (v - k[0])};
           },
-          [act, s](A v, A d, const std::array<A, 3>& k) {
-            const A masked = mask(act, (v - k[0]) * k[1] + k[2], d, s);
+          [act](A v, A d, const std::array<A, 4>& k) {
+            const A masked = mask(act, (v - k[0]) * k[1] + k[2], d, k[3]);
             return std::pair{masked, masked * (v - k[0])};
           });
+      if (act == Act::kPrelu) {  // d(out)/d(slope) = the pre-activation where it is not > 0
+        auto [sum_negative, unused] = unit_sums<scalar_t, 4>(
+            planes, yp, dyp, coefficients,
+            [](V v, V d, const std::array<V, 4>& k) {
+              const V pre = (v - k[0]) * k[1] + k[2];
+              return std::pair{V::blendv(pre * d, V(0), pre > V(0)), V(0)};
+            },
+            [](A v, A d, const std::array<A, 4>& k) {
+              const A pre = (v - k[0]) * k[1] + k[2];
+              return std::pair{pre > 0 ? A(0) : pre * d, A(0)};
+            });
+        double* gs = grad_slope.data_ptr<double>();
+        for (int64_t p = 0; p < l.N * l.C; ++p) gs[p % l.C] += sum_negative[p];
+      }
       std::vector<double> unit_dy(l.units(), 0.0), unit_dy_xmu(l.units(), 0.0);
       double* gw = grad_weight.data_ptr<double>();
       double* gb = grad_bias.data_ptr<double>();
@@ -323,23 +362,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu(
           offset[p] = static_cast<A>(-inv * unit_dy[u] / count);
         }
       }
-      plane_map<scalar_t, 6>(
+      plane_map<scalar_t, 7>(
           l, grad_y.data_ptr<scalar_t>(), yp, dyp,
-          {k.mean.data(), k.scale.data(), k.beta.data(), gain.data(), slope_y.data(),
-           offset.data()},
-          [act, s](V v, V d, const std::array<V, 6>& k) {
+          {k.mean.data(), k.scale.data(), k.beta.data(), gain.data(), slope_y.data(), offset.data(),
+           k.slope.data()},
+          [act](V v, V d, const std::array<V, 7>& k) {
             const V centred = v - k[0];
-            return mask_vec(act, centred * k[1] + k[2], d, V(s)) * k[3] + centred * k[4] + k[5];
+            return mask_vec(act, centred * k[1] + k[2], d, k[6]) * k[3] + centred * k[4] + k[5];
           },
-          [act, s](A v, A d, const std::array<A, 6>& k) {
+          [act](A v, A d, const std::array<A, 7>& k) {
             const A centred = v - k[0];
-            return mask(act, centred * k[1] + k[2], d, s) * k[3] + centred * k[4] + k[5];
+            return mask(act, centred * k[1] + k[2], d, k[6]) * k[3] + centred * k[4] + k[5];
           });
     });
   }
-  const auto param_type =
-      weight.has_value() && weight->defined() ? weight->scalar_type() : acc_type;
-  return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type)};
+  const auto param_type = defined(weight) ? weight->scalar_type() : acc_type;
+  // PReLU's weight gradient in its own shape (one slope shared: the channels' sum); else empty
+  at::Tensor grad_act_weight = defined(act_weight)
+                                   ? (act_weight->numel() == 1 ? grad_slope.sum() : grad_slope)
+                                         .reshape(act_weight->sizes())
+                                         .to(act_weight->scalar_type())
+                                   : at::zeros({0}, at::TensorOptions().dtype(param_type));
+  return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type), grad_act_weight};
 }
 
 }  // namespace

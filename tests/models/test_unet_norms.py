@@ -51,14 +51,24 @@ def test_features_in_3d():
     )
 
 
-def test_prelu_runs_after_the_fused_norm_and_the_report_says_so():
-    ours, ref = twins(3, "instance", "prelu")
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_prelu_trains_its_weights_inside_the_fused_kernels(spatial_dims):
+    ours, ref = twins(spatial_dims, "instance", "prelu")
     assert ours.fuse_report.fused and not ours.fuse_report.left
-    assert all("F.prelu after the fused norm" in what for what in ours.fuse_report.fused.values())
-    x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    assert all(what.endswith("-> PReLU") for what in ours.fuse_report.fused.values())
+    for module in ref.modules():  # a slope of its own per channel
+        if isinstance(module, torch.nn.PReLU):
+            module.weight.data.uniform_(-0.5, 0.5)
+    ours.load_state_dict(ref.state_dict())
+    called = []
+    for module in ours.modules():  # the kernels apply the slopes: the modules never run
+        if isinstance(module, torch.nn.PReLU):
+            module.register_forward_hook(lambda *_: called.append(1))
+    x = torch.randn(2, 1, *[32] * spatial_dims, dtype=torch.float64)
     assert_histories_close(
         training_history(ours, x, steps=1), training_history(ref, x, steps=1), torch.float64
     )
+    assert not called
 
 
 def test_float32_volume_runs_channels_last_3d():

@@ -18,20 +18,27 @@ pytestmark = pytest.mark.skipif(
 
 
 def stack(dims):
-    """Three layers: a strided anisotropic conv with bias, a dilated grouped conv, a plain one;
-    InstanceNorm (affine), GroupNorm, BatchNorm; LeakyReLU, ReLU, nothing."""
+    """Four layers: a strided anisotropic conv with bias, a dilated grouped conv, two plain
+    ones; InstanceNorm (affine), GroupNorm, BatchNorm, InstanceNorm; LeakyReLU, ReLU, nothing,
+    PReLU (a slope of each sign per channel)."""
     conv = nn.Conv3d if dims == 3 else nn.Conv2d
     kernel = (1, 3, 3) if dims == 3 else (1, 3)
     padding = (0, 1, 1) if dims == 3 else (0, 1)
+    instance_norm = nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d
+    prelu = nn.PReLU(5)
+    prelu.weight.data.uniform_(-0.5, 0.5)
     return nn.Sequential(
         conv(3, 8, kernel, stride=2, padding=padding, bias=True),
-        (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(8, affine=True),
+        instance_norm(8, affine=True),
         nn.LeakyReLU(0.01),
         conv(8, 8, 3, padding=2, dilation=2, groups=2, bias=False),
         nn.GroupNorm(4, 8),
         nn.ReLU(),
         conv(8, 6, 3, padding=1),
         (nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d)(6),
+        conv(6, 5, 3, padding=1),
+        instance_norm(5),
+        prelu,
     )
 
 
@@ -54,7 +61,7 @@ def test_chain_matches_the_modules(dims, x_layout):
         x, model = x.contiguous(memory_format=fmt), model.to(memory_format=fmt)
     runs, _ = find_runs(leaves(model))
     layers = [chain_layer(run) for run in runs]
-    assert len(layers) == 3 and all(layers)
+    assert len(layers) == 4 and all(layers)
     got = step(
         lambda t: conv_norm_act_chain(t, layers, backend="cpu"), model, x.clone().requires_grad_()
     )
@@ -84,7 +91,7 @@ def test_chain_on_triton_within_twice_the_modules_float32_error():
     truth = step(exact, exact, x.double().requires_grad_())
     got, theirs, truth = [[t.cpu() for t in ts] for ts in (got, theirs, truth)]
     zero = [i for i, t in enumerate(truth) if rms(t) < 1e-8]  # biases right before a norm
-    assert zero == [3, 10]
+    assert zero == [3, 10, 14]
     for i in zero:  # rounding noise of sums that cancel exactly: a float32 size, no more
         assert rms(got[i]) < 1e-5 and rms(theirs[i]) < 1e-5
     kept = [i for i in range(len(truth)) if i not in zero]
@@ -101,6 +108,6 @@ def test_chain_keeps_its_input_and_the_conv_outputs_only():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = conv_norm_act_chain(x, layers, backend="cpu")
     activations = [t for t in saved if t.dim() == 4 and t.data_ptr() not in params]
-    # x and the three conv outputs, never an activation between the layers (nor the output)
-    assert len(activations) == 4 and activations[0] is x
+    # x and the four conv outputs, never an activation between the layers (nor the output)
+    assert len(activations) == 5 and activations[0] is x
     assert all(t.data_ptr() != out.data_ptr() for t in activations)

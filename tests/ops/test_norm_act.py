@@ -1,5 +1,6 @@
-"""norm_act (BatchNorm / InstanceNorm / GroupNorm x ReLU / LeakyReLU / identity, 2-D and 3-D)
-against the reference: outputs, every gradient, running statistics, NaN and Inf, layouts."""
+"""norm_act (BatchNorm / InstanceNorm / GroupNorm x ReLU / LeakyReLU / PReLU / identity, 2-D
+and 3-D) against the reference: outputs, every gradient (PReLU's weight's too), running
+statistics, NaN and Inf, layouts."""
 
 import pytest
 import torch
@@ -12,7 +13,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 NORMS = [("batch", None), ("instance", None), ("group", 2), ("none", None)]
-ACTS = [("relu", 0.0), ("leaky_relu", 0.2), ("identity", 0.0)]
+# PReLU's "slope" here says how many weights it has: one per channel or one for all
+ACTS = [
+    ("relu", 0.0),
+    ("leaky_relu", 0.2),
+    ("identity", 0.0),
+    ("prelu", "per channel"),
+    ("prelu", "shared"),
+]
 
 
 def channels_last(x):
@@ -31,7 +39,8 @@ def in_layout(x, name):
 
 
 def run(backend, y, norm, groups, act, slope, affine=True, track=True, training=True, seed=0):
-    """(output, grad_y, grad_weight, grad_bias, running_mean, running_var) for one call."""
+    """(output, grad_y, grad_weight, grad_bias, [grad of PReLU's weight,] running_mean,
+    running_var) for one call."""
     g = torch.Generator().manual_seed(seed)
     to = {"dtype": y.dtype, "device": y.device}
     c = y.shape[1]
@@ -44,8 +53,13 @@ def run(backend, y, norm, groups, act, slope, affine=True, track=True, training=
     running_var = (
         (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(**to) if stats else None
     )
+    act_weight = None
+    if act == "prelu":  # slopes of both signs
+        count = c if slope == "per channel" else 1
+        act_weight = (torch.rand(count, generator=g, dtype=torch.float64) - 0.5).to(**to)
+        slope = 0.0
     y = y.detach().requires_grad_()
-    for t in (weight, bias):
+    for t in (weight, bias, act_weight):
         if t is not None:
             t.requires_grad_()
     out = ops.norm_act(
@@ -61,11 +75,12 @@ def run(backend, y, norm, groups, act, slope, affine=True, track=True, training=
         act,
         slope,
         groups=groups,
+        act_weight=act_weight,
         backend=backend,
     )
     probe = torch.randn(out.shape, generator=g, dtype=torch.float64).to(**to)
     (out * probe).sum().backward()
-    grads = [y.grad] + [t.grad for t in (weight, bias) if t is not None]
+    grads = [y.grad] + [t.grad for t in (weight, bias, act_weight) if t is not None]
     return [out, *grads, *[t for t in (running_mean, running_var) if t is not None]]
 
 
@@ -148,10 +163,13 @@ def test_saves_y_and_statistics_only():
 def test_opcheck():
     y = torch.randn(2, 4, 3, 4, 5, requires_grad=True)
     weight, bias = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
-    for groups, act, slope in ((0, "relu", 0.0), (4, "leaky_relu", 0.01), (2, "identity", 0.0)):
+    prelu = torch.rand(4, requires_grad=True)
+    cases = ((0, "relu", None), (4, "leaky_relu", None), (2, "identity", None), (0, "prelu", prelu))
+    for groups, act, act_weight in cases:
         for t in (y, channels_last(y.detach()).requires_grad_()):
             torch.library.opcheck(
-                torch.ops.unet_fast.norm_act.default, (t, groups, weight, bias, 1e-5, act, slope)
+                torch.ops.unet_fast.norm_act.default,
+                (t, groups, weight, bias, 1e-5, act, 0.01, act_weight),
             )
 
 
@@ -180,6 +198,9 @@ def test_torch_compile_fullgraph_matches_eager():
         ({"norm": "group", "groups": 3}, ValueError, "4 channels cannot be split into groups=3"),
         ({"norm": "group"}, ValueError, "groups=None"),
         ({"weight": torch.ones(3)}, ValueError, "weight must have shape (4,)"),
+        ({"act": "prelu"}, ValueError, "give it with act='prelu' only"),
+        ({"act_weight": torch.ones(4)}, ValueError, "give it with act='prelu' only"),
+        ({"act": "prelu", "act_weight": torch.ones(3)}, ValueError, "1 or 4 values on cpu"),
     ],
 )
 def test_bad_input_raises_a_clear_error(kwargs, error, message):

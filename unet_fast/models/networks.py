@@ -1,6 +1,7 @@
 """Other libraries' U-Nets as they ship them, for benchmarks and tests against fuse(): nnU-Net's
-PlainConvUNet (dynamic_network_architectures) and MONAI's BasicUNet, in the configurations
-nnU-Net and MONAI use by default. Install them with `pip install "unet_fast[test]"`."""
+PlainConvUNet (dynamic_network_architectures), MONAI's BasicUNet and UNet (residual units,
+InstanceNorm, PReLU), in the configurations nnU-Net and MONAI use by default. Install them
+with `pip install "unet_fast[test]"`."""
 
 from torch import nn
 
@@ -9,6 +10,7 @@ NETWORKS = {
     "nnunet-2d": ((8, 1, 256, 256), 2),
     "nnunet-3d": ((2, 1, 64, 64, 64), 3),
     "monai-basicunet-3d": ((2, 1, 64, 64, 64), 3),
+    "monai-unet-3d": ((2, 1, 64, 64, 64), 3),
 }
 
 
@@ -20,13 +22,15 @@ def build(name: str) -> nn.Module:
         if name.startswith("nnunet"):
             from dynamic_network_architectures.architectures.unet import PlainConvUNet
         else:
-            from monai.networks.nets import BasicUNet
+            from monai.networks.nets import BasicUNet, UNet
     except ImportError as error:
         raise RuntimeError(
             f"{name} needs {error.name}: pip install monai dynamic_network_architectures"
         ) from error
     if name == "monai-basicunet-3d":
         return BasicUNet(spatial_dims=3, in_channels=1, out_channels=2)
+    if name == "monai-unet-3d":  # MONAI's tutorials' UNet, its default norm and activation
+        return UNet(3, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
     three_d = name == "nnunet-3d"
     features = (32, 64, 128, 256, 320) if three_d else (32, 64, 128, 256, 512, 512)
     stages = len(features)

@@ -54,8 +54,8 @@ class UNet(FusedModel, reference.UNet):
             activations (the tutorial's MemoryEfficientUNet); running statistics are updated
             once per step all the same
     spatial_dims, norm, act, features: as reference.UNet's (3-D volumes, InstanceNorm or
-        GroupNorm, LeakyReLU or PReLU); Conv -> Norm -> LeakyReLU / ReLU runs through
-        ops.norm_act, PReLU runs as written (see `fuse_report`)
+        GroupNorm, LeakyReLU or PReLU); Conv -> Norm -> Act runs through ops.norm_act (see
+        `fuse_report`)
     On the CPU the network runs internally in channels_last (oneDNN's fastest layout) and returns
     the memory format it was given.
     """

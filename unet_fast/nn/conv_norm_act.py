@@ -1,7 +1,7 @@
 """FusedConvNormAct: an nn.Sequential whose Conv -> Norm -> Act runs normalise and activate in
 one op (ops.norm_act) after the convolution; the blocks of nnU-Net, MONAI and most U-Nets. A
 run is a Conv2d/Conv3d (any stride, padding, dilation, groups), then BatchNorm, InstanceNorm or
-GroupNorm of its width, then ReLU, LeakyReLU, PReLU (run as its module after the fused norm) or
+GroupNorm of its width, then ReLU, LeakyReLU, PReLU (its weight trained through the kernels) or
 nothing, with Dropout anywhere after the conv. Runs are found among the Sequential's leaves:
 children that are plain Sequentials (MONAI's Convolution and its ADN, TwoConv) or nnU-Net's
 ConvDropoutNormReLU (whose forward runs its all_modules) are looked into; a residual block of
@@ -30,7 +30,7 @@ NORMS = {
     nn.InstanceNorm3d: "instance",
     nn.GroupNorm: "group",
 }
-ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Identity: "identity"}
+ACTS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.PReLU: "prelu", nn.Identity: "identity"}
 
 
 class Run(NamedTuple):
@@ -108,10 +108,10 @@ def tail(modules) -> tuple:
             dropouts.append(module)
         elif kind in NORMS and norm is None:
             norm, used = module, len(dropouts) + 1
-        elif (kind in ACTS or kind is nn.PReLU) and norm is not None:
+        elif kind in ACTS and norm is not None:
             act = module
             break
-        elif kind in ACTS or kind is nn.PReLU:
+        elif kind in ACTS:
             return None, f"{kind.__name__} before any norm"
         else:
             break
@@ -167,17 +167,17 @@ def norm_mode(norm) -> tuple:
 
 
 def activation(act) -> tuple:
-    """(name, negative slope) of the activation the kernels apply (None and PReLU: identity; a
-    PReLU, whose weight the kernels do not take, runs as its module after them)."""
+    """(name, negative slope, PReLU's weight) of the activation (None: identity)."""
     name = ACTS[type(act)] if type(act) in ACTS else "identity"
-    return name, act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
+    slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
+    return name, slope, act.weight if isinstance(act, nn.PReLU) else None
 
 
 def norm_act_forward(y, norm, act, backend):
     """norm then act on the conv output y through ops.norm_act, as the modules compute it."""
     kind, groups, batch_stats, running_mean, running_var, momentum = norm_mode(norm)
-    name, slope = activation(act)
-    out = ops.norm_act(
+    name, slope, act_weight = activation(act)
+    return ops.norm_act(
         y,
         kind,
         norm.weight,
@@ -190,9 +190,9 @@ def norm_act_forward(y, norm, act, backend):
         name,
         slope,
         groups=groups,
+        act_weight=act_weight,
         backend=backend,
     )
-    return act(out) if isinstance(act, nn.PReLU) else out
 
 
 def layer_forward(y, layer: Layer, backend):
@@ -210,6 +210,7 @@ def layer_forward(y, layer: Layer, backend):
         layer.act,
         layer.negative_slope,
         groups=layer.groups,
+        act_weight=layer.act_weight,
         backend=backend,
     )
 
@@ -219,11 +220,7 @@ def chain_layer(run: Run) -> Optional[Layer]:
     statistics in use, a padding mode or string padding the op does not take). Decides the
     norm's mode, so call it once per forward (a training BatchNorm counts the batch)."""
     conv = run.conv
-    if (
-        conv.padding_mode != "zeros"
-        or isinstance(conv.padding, str)
-        or isinstance(run.act, nn.PReLU)
-    ):
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return None
     kind, groups, batch_stats, running_mean, running_var, momentum = norm_mode(run.norm)
     if not batch_stats:
@@ -323,5 +320,4 @@ class FusedConvNormAct(nn.Sequential):
 
 def describe(run: Run) -> str:
     parts = [run.conv, *run.dropouts, run.norm] + ([run.act] if run.act is not None else [])
-    text = " -> ".join(type(m).__name__ for m in parts)
-    return text + (" (F.prelu after the fused norm)" if isinstance(run.act, nn.PReLU) else "")
+    return " -> ".join(type(m).__name__ for m in parts)

@@ -14,6 +14,7 @@ import torch
 
 from .. import _backend
 from .norm_act import (
+    check_act_weight,
     check_norm_act,
     kernel_arguments,
     kernels_for,
@@ -39,8 +40,9 @@ class Layer(NamedTuple):
     running_var: Optional[torch.Tensor]
     momentum: float
     eps: float
-    act: str  # "relu" | "leaky_relu" | "identity"
+    act: str  # "relu" | "leaky_relu" | "prelu" | "identity"
     negative_slope: float
+    act_weight: Optional[torch.Tensor] = None  # PReLU's
 
 
 def _conv(x, layer):
@@ -76,11 +78,19 @@ class _Chain(torch.autograd.Function):
                 layer.act,
                 True,
             )
+            check_act_weight("conv_norm_act_chain", y, layer.act, layer.act_weight)
             groups, slope = kernel_arguments(
                 y, layer.norm, layer.groups, layer.act, layer.negative_slope
             )
             h, mean, invstd, var = norm_act(
-                y, groups, layer.norm_weight, layer.norm_bias, layer.eps, layer.act, slope
+                y,
+                groups,
+                layer.norm_weight,
+                layer.norm_bias,
+                layer.eps,
+                layer.act,
+                slope,
+                layer.act_weight,
             )
             ys.append(y)
             stats += [mean, invstd]
@@ -97,7 +107,7 @@ class _Chain(torch.autograd.Function):
         n = len(layers)
         x, *saved = ctx.saved_tensors
         ys, stats = saved[:n], saved[n : 3 * n]
-        param_grads = [None] * (4 * n)
+        param_grads = [None] * (5 * n)
         if grad is None:
             return (None, None, None, *param_grads)
         for i in reversed(range(n)):
@@ -105,8 +115,17 @@ class _Chain(torch.autograd.Function):
             groups, slope = kernel_arguments(
                 y, layer.norm, layer.groups, layer.act, layer.negative_slope
             )
-            grad_y, grad_g, grad_b = norm_act_backward(
-                grad, y, groups, layer.norm_weight, layer.norm_bias, mean, invstd, layer.act, slope
+            grad_y, grad_g, grad_b, grad_a = norm_act_backward(
+                grad,
+                y,
+                groups,
+                layer.norm_weight,
+                layer.norm_bias,
+                mean,
+                invstd,
+                layer.act,
+                slope,
+                layer.act_weight,
             )
             if i:  # the layer's input: the previous activation, rebuilt from its recipe
                 before = layers[i - 1]
@@ -122,6 +141,7 @@ class _Chain(torch.autograd.Function):
                     stats[2 * i - 1],
                     before.act,
                     s,
+                    before.act_weight,
                 )
             else:
                 h = x
@@ -140,11 +160,12 @@ class _Chain(torch.autograd.Function):
                 layer.conv_groups,
                 [i > 0 or ctx.needs_input_grad[0], True, has_bias],
             )
-            param_grads[4 * i : 4 * i + 4] = [
+            param_grads[5 * i : 5 * i + 5] = [
                 grad_w,
                 grad_cb,
                 grad_g if layer.norm_weight is not None else None,
                 grad_b if layer.norm_bias is not None else None,
+                grad_a if layer.act_weight is not None else None,
             ]
         return (grad, None, None, *param_grads)
 
@@ -162,7 +183,7 @@ def conv_norm_act_chain(x, layers: Sequence[Layer], *, backend: str = "auto"):
     params = [
         t
         for layer in layers
-        for t in (layer.weight, layer.bias, layer.norm_weight, layer.norm_bias)
+        for t in (layer.weight, layer.bias, layer.norm_weight, layer.norm_bias, layer.act_weight)
     ]
     out, *returned = _Chain.apply(x, layers, kernels_for(chosen), *params)
     for layer, mean, var in zip(layers, returned[::2], returned[1::2], strict=True):

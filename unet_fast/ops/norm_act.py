@@ -1,5 +1,5 @@
 """norm_act: Norm -> activation on a 2-D or 3-D conv output, fused; BatchNorm, InstanceNorm or
-GroupNorm, then ReLU, LeakyReLU or nothing (the blocks of nnU-Net and MONAI).
+GroupNorm, then ReLU, LeakyReLU, PReLU or nothing (the blocks of nnU-Net and MONAI).
 
 With batch statistics (training; GroupNorm always; InstanceNorm without running statistics) one
 kernel computes the statistics, normalises and activates: two passes forward, two backward.
@@ -19,7 +19,7 @@ from ._checks import FLOATING, check_channel_vectors
 
 Tensor = torch.Tensor
 NORMS = ("batch", "instance", "group", "none")
-ACTS = ("relu", "leaky_relu", "identity")
+ACTS = ("relu", "leaky_relu", "prelu", "identity")
 _triton_kernels = None
 
 
@@ -48,26 +48,29 @@ def norm_act(
     negative_slope: float = 0.01,
     *,
     groups: Optional[int] = None,
+    act_weight: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """act(norm(y)) as F.batch_norm / F.instance_norm / F.group_norm then F.relu / F.leaky_relu
-    compute it, updating running statistics in place when batch statistics are used.
+    / F.prelu compute it, updating running statistics in place when batch statistics are used.
 
-    `groups` is GroupNorm's number of groups (required for norm="group"); `momentum` is the
+    `groups` is GroupNorm's number of groups (required for norm="group"); `act_weight` PReLU's
+    weight (1 or C values; required for act="prelu", which trains it); `momentum` is the
     running-average factor as in F.batch_norm.
     """
     check_norm_act(y, norm, groups, weight, bias, running_mean, running_var, act, training)
+    check_act_weight("norm_act", y, act, act_weight)
     # F.batch_norm's and F.instance_norm's choice; GroupNorm has no running statistics
     batch_stats = norm == "group" or training or running_mean is None
     args = (y, norm, groups, weight, bias, running_mean, running_var, batch_stats, momentum, eps)
     chosen = _backend.resolve(backend, y.device, "norm_act")
     if chosen == "reference" or norm == "none" or not batch_stats:
-        return reference.norm_act(*args, act, negative_slope)
+        return reference.norm_act(*args, act, negative_slope, act_weight)
     kernel_groups, slope = kernel_arguments(y, norm, groups, act, negative_slope)
     if chosen == "triton":
         triton_kernels().check_dtype(y)
     kernel = kernels_for(chosen)[0]
-    out, mean, _, var = kernel(y, kernel_groups, weight, bias, eps, act, slope)
+    out, mean, _, var = kernel(y, kernel_groups, weight, bias, eps, act, slope, act_weight)
     update_norm_stats(norm, running_mean, running_var, mean, var, momentum, y[:, 0].numel())
     return out
 
@@ -95,6 +98,19 @@ def update_norm_stats(norm, running_mean, running_var, mean, var, momentum, coun
         update_running_stats(running_mean, running_var, mean, var, momentum, count)
     elif running_mean is not None or running_var is not None:
         update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), momentum, 1)
+
+
+def check_act_weight(op: str, y: Tensor, act: str, act_weight: Optional[Tensor]) -> None:
+    """PReLU's weight: given with act="prelu" and only then, 1 or C values on y's device."""
+    if (act == "prelu") != (act_weight is not None):
+        raise ValueError(f"{op}: act_weight is PReLU's weight: give it with act='prelu' only")
+    if act_weight is not None and (
+        act_weight.numel() not in (1, y.shape[1]) or act_weight.device != y.device
+    ):
+        raise ValueError(
+            f"{op}: PReLU's weight must hold 1 or {y.shape[1]} values on {y.device}, got "
+            f"{act_weight.numel()} on {act_weight.device}"
+        )
 
 
 def check_norm_act(y, norm, groups, weight, bias, running_mean, running_var, act, training):
@@ -132,7 +148,7 @@ def check_norm_act(y, norm, groups, weight, bias, running_mean, running_var, act
         )
 
 
-def _fake(y, groups, weight, bias, eps, act, slope):
+def _fake(y, groups, weight, bias, eps, act, slope, act_weight=None):
     stats = y.new_empty(
         (y.shape[1],) if groups == 0 else (y.shape[0], groups),
         dtype=torch.float64 if y.dtype == torch.float64 else torch.float32,
@@ -140,34 +156,36 @@ def _fake(y, groups, weight, bias, eps, act, slope):
     return empty_like_layout(y, y.shape), stats, torch.empty_like(stats), torch.empty_like(stats)
 
 
-def _fake_apply(y, groups, weight, bias, mean, invstd, act, slope):
+def _fake_apply(y, groups, weight, bias, mean, invstd, act, slope, act_weight=None):
     return empty_like_layout(y, y.shape)
 
 
-def _fake_backward(grad_out, y, groups, weight, bias, mean, invstd, act, slope):
+def _fake_backward(grad_out, y, groups, weight, bias, mean, invstd, act, slope, act_weight=None):
     param = weight.dtype if weight is not None else mean.dtype
     return (
         empty_like_layout(y, y.shape),
         y.new_empty((y.shape[1],), dtype=param),
         y.new_empty((y.shape[1],), dtype=param),
+        y.new_empty((0,), dtype=param) if act_weight is None else torch.empty_like(act_weight),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    y, groups, weight, bias, eps, act, slope = inputs
+    y, groups, weight, bias, eps, act, slope, act_weight = inputs
     _, mean, invstd, _ = output
-    ctx.save_for_backward(y, weight, bias, mean, invstd)
+    ctx.save_for_backward(y, weight, bias, mean, invstd, act_weight)
     ctx.groups, ctx.act, ctx.slope = groups, act, slope
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_out, *_, kernel=None):
-    y, weight, bias, mean, invstd = ctx.saved_tensors
+    y, weight, bias, mean, invstd, act_weight = ctx.saved_tensors
     if grad_out is None:
-        return (None,) * 7
-    grad_y, grad_weight, grad_bias = (kernel or torch.ops.unet_fast.norm_act_backward)(
-        grad_out, y, ctx.groups, weight, bias, mean, invstd, ctx.act, ctx.slope
+        return (None,) * 8
+    grads = (kernel or torch.ops.unet_fast.norm_act_backward)(
+        grad_out, y, ctx.groups, weight, bias, mean, invstd, ctx.act, ctx.slope, act_weight
     )
+    grad_y, grad_weight, grad_bias, grad_act_weight = grads
     return (
         grad_y,
         None,
@@ -176,6 +194,7 @@ def _backward(ctx, grad_out, *_, kernel=None):
         None,
         None,
         None,
+        grad_act_weight if act_weight is not None and ctx.needs_input_grad[7] else None,
     )
 
 

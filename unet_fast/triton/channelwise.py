@@ -47,10 +47,10 @@ def _tile(
 
 @triton.jit
 def _activate(pre, SLOPE, ACT: tl.constexpr):
-    """ReLU keeping NaN (as F.relu), LeakyReLU, or nothing."""
+    """ReLU keeping NaN (as F.relu), LeakyReLU or PReLU (SLOPE per channel), or nothing."""
     if ACT == 0:
         return tl.where((pre > 0) | (pre != pre), pre, 0.0)
-    if ACT == 1:
+    if ACT == 1 or ACT == 3:
         return tl.where(pre > 0, pre, pre * SLOPE)
     return pre
 
@@ -58,12 +58,23 @@ def _activate(pre, SLOPE, ACT: tl.constexpr):
 @triton.jit
 def _mask(pre, dy, SLOPE, ACT: tl.constexpr):
     """The activation's derivative applied to dy: F.relu's (dy passes unless pre <= 0, so NaN
-    passes it), F.leaky_relu's (pre > 0 ? dy : dy * slope), or dy."""
+    passes it), F.leaky_relu's and F.prelu's (pre > 0 ? dy : dy * slope), or dy; ACT 4 is the
+    derivative by PReLU's slope instead (pre > 0 ? 0 : pre * dy)."""
     if ACT == 0:
         return tl.where(pre <= 0, 0.0, dy)
-    if ACT == 1:
+    if ACT == 1 or ACT == 3:
         return tl.where(pre > 0, dy, dy * SLOPE)
+    if ACT == 4:
+        return tl.where(pre > 0, 0.0, pre * dy)
     return dy
+
+
+@triton.jit
+def _slope(slope_ptr, c, c_ok, SLOPE, ACT: tl.constexpr):
+    """The negative slope: PReLU's per channel (ACT 3, 4), else the scalar."""
+    if ACT == 3 or ACT == 4:
+        return tl.load(slope_ptr + c, mask=c_ok, other=0.0)[None, :]
+    return SLOPE
 
 
 @triton.jit
@@ -71,6 +82,7 @@ def channel_sums_kernel(
     y_ptr,  # (N, C, H, W) activation, dense in its memory format
     dy_ptr,  # gradient, same shape and layout (read only when BACKWARD)
     coef_ptr,  # float32 (3, C), backward only: scale, shift, mean
+    slope_ptr,  # float32 (C,): PReLU's slopes (read only when ACT is 3 or 4)
     partial_ptr,  # float32 (2, C, parts): per-program sums of a and of b
     C,
     HW,
@@ -82,7 +94,7 @@ def channel_sums_kernel(
     CHANNELS_LAST: tl.constexpr,
     BACKWARD: tl.constexpr,  # forward: a = y - y[first], b = a^2; backward: a = m dy, b = m dy (y - mean)
     SLOPE,  # LeakyReLU's negative slope
-    ACT: tl.constexpr,  # the activation whose mask m is: 0 ReLU, 1 LeakyReLU, 2 none
+    ACT: tl.constexpr,  # the activation whose mask m is: 0 ReLU, 1 LeakyReLU, 2 none, 3 PReLU
 ):
     part = tl.program_id(0)
     parts = tl.num_programs(0)
@@ -96,6 +108,7 @@ def channel_sums_kernel(
         center = tl.load(coef_ptr + 2 * C + c, mask=c_ok, other=0.0)
     else:  # the first sample's value: a shift that keeps the variance exact at any mean
         center = tl.load(y_ptr + c_offset, mask=c_ok, other=0.0).to(tl.float32)
+    slope = _slope(slope_ptr, c, c_ok, SLOPE, ACT)
     acc_a = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for start in range(begin, end, BLOCK_P):
@@ -105,7 +118,7 @@ def channel_sums_kernel(
         y = tl.load(y_ptr + offset, mask=ok, other=0.0).to(tl.float32)
         if BACKWARD:
             dy = tl.load(dy_ptr + offset, mask=ok, other=0.0).to(tl.float32)
-            a = tl.where(ok, _mask(y * scale[None, :] + shift[None, :], dy, SLOPE, ACT), 0.0)
+            a = tl.where(ok, _mask(y * scale[None, :] + shift[None, :], dy, slope, ACT), 0.0)
             acc_a += a
             acc_b += a * (y - center[None, :])
         else:
@@ -122,6 +135,7 @@ def channel_map_kernel(
     y_ptr,  # (N, C, H, W) activation, dense in its memory format
     dy_ptr,  # gradient, same layout (read only when BACKWARD)
     coef_ptr,  # float32 (2 or 6, C): scale, shift, then (backward) gain, slope, offset, center
+    slope_ptr,  # float32 (C,): PReLU's slopes (read only when ACT is 3)
     C,
     HW,
     PIXELS,
@@ -151,9 +165,10 @@ def channel_map_kernel(
         constant = tl.load(coef_ptr + 4 * C + c, mask=c_ok, other=0.0)[None, :]
         center = tl.load(coef_ptr + 5 * C + c, mask=c_ok, other=0.0)[None, :]
         # centred: slope * y + constant would cancel where the variance is tiny and slope huge
-        result = _mask(pre, dy, SLOPE, ACT) * gain + slope * (y - center) + constant
+        negative = _slope(slope_ptr, c, c_ok, SLOPE, ACT)
+        result = _mask(pre, dy, negative, ACT) * gain + slope * (y - center) + constant
     else:
-        result = _activate(pre, SLOPE, ACT)
+        result = _activate(pre, _slope(slope_ptr, c, c_ok, SLOPE, ACT), ACT)
     tl.store(out_ptr + offset, result.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -185,8 +200,11 @@ def _tiling(y: Tensor, channels_last: bool, spread: Optional[int] = None):
     return block_p, block_c, grid, chunk, parts
 
 
-def channel_sums(y, dy, coef, channels_last: bool, backward: bool, act: int = 0, slope=0.0):
-    """(2, C) float64 sums (see channel_sums_kernel), about 64 programs per channel block."""
+def channel_sums(
+    y, dy, coef, channels_last: bool, backward: bool, act: int = 0, slope=0.0, slopes=None
+):
+    """(2, C) float64 sums (see channel_sums_kernel), about 64 programs per channel block;
+    `slopes`: PReLU's per channel."""
     n, c, h, w = y.shape
     spread = 64 if channels_last else max(1, 64 // n)
     block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last, spread)
@@ -195,6 +213,7 @@ def channel_sums(y, dy, coef, channels_last: bool, backward: bool, act: int = 0,
         y,
         dy,
         coef,
+        coef if slopes is None else slopes,
         partial,
         c,
         h * w,
@@ -211,7 +230,9 @@ def channel_sums(y, dy, coef, channels_last: bool, backward: bool, act: int = 0,
     return partial.double().sum(-1)  # float64 across programs
 
 
-def channel_map(out, y, dy, coef, channels_last: bool, backward: bool, act: int = 0, slope=0.0):
+def channel_map(
+    out, y, dy, coef, channels_last: bool, backward: bool, act: int = 0, slope=0.0, slopes=None
+):
     n, c, h, w = y.shape
     block_p, block_c, grid, chunk, hw_parts = _tiling(y, channels_last)
     wrap_triton(channel_map_kernel)[grid](
@@ -219,6 +240,7 @@ def channel_map(out, y, dy, coef, channels_last: bool, backward: bool, act: int 
         y,
         dy,
         coef,
+        coef if slopes is None else slopes,
         c,
         h * w,
         n * h * w,

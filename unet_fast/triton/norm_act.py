@@ -1,5 +1,5 @@
 """Triton norm_act: BatchNorm / GroupNorm (InstanceNorm = one channel per group) + ReLU /
-LeakyReLU / identity on 2-D and 3-D activations, forward and backward, on the channelwise
+LeakyReLU / PReLU / identity on 2-D and 3-D activations, forward and backward, on the channelwise
 kernels. triton_ops whose autograd is registered in unet_fast/ops/norm_act.py.
 
 The kernels run over (sample, channel) planes: one launch over all planes of a channels-first
@@ -17,7 +17,8 @@ from .channelwise import channel_map, channel_sums, check_dtype
 __all__ = ["check_dtype", "norm_act", "norm_act_apply", "norm_act_backward"]
 
 Tensor = torch.Tensor
-ACTS = {"relu": 0, "leaky_relu": 1, "identity": 2}
+ACTS = {"relu": 0, "leaky_relu": 1, "identity": 2, "prelu": 3}
+SLOPE_GRADIENT = 4  # channel_sums' mode summing d(out)/d(PReLU's slope) * dy
 
 
 def _layout(y: Tensor) -> Tuple[Tensor, bool]:
@@ -46,21 +47,31 @@ def _each_plane_group(channels_last: bool, *tensors):
         yield [view for view, _ in views], slice(first, first + views[0][0].shape[1])
 
 
-def _plane_sums(y, dy, coef, channels_last: bool, backward: bool, act: str, slope: float):
+def _plane_sums(y, dy, coef, channels_last: bool, backward: bool, act: int, slope, slopes):
     """(2, N*C) float64 per-plane sums of channel_sums_kernel over every plane of y."""
     sums = torch.empty((2, y.shape[0] * y.shape[1]), dtype=torch.float64, device=y.device)
     for (view, dy_view), planes in _each_plane_group(channels_last, y, dy):
-        k = coef[:, planes].contiguous()
-        sums[:, planes] = channel_sums(view, dy_view, k, channels_last, backward, ACTS[act], slope)
+        k, negative = coef[:, planes].contiguous(), slopes[planes].contiguous()
+        sums[:, planes] = channel_sums(
+            view, dy_view, k, channels_last, backward, act, slope, negative
+        )
     return sums
 
 
-def _plane_map(out, y, dy, coef, channels_last: bool, backward: bool, act: str, slope: float):
+def _plane_map(out, y, dy, coef, channels_last: bool, backward: bool, act: int, slope, slopes):
     """channel_map_kernel over every plane of y, with per-plane coefficients (K, N*C)."""
     for (o, view, dy_view), planes in _each_plane_group(channels_last, out, y, dy):
-        k = coef[:, planes].contiguous()
-        channel_map(o, view, dy_view, k, channels_last, backward, ACTS[act], slope)
+        k, negative = coef[:, planes].contiguous(), slopes[planes].contiguous()
+        channel_map(o, view, dy_view, k, channels_last, backward, act, slope, negative)
     return out
+
+
+def _slopes(y: Tensor, act_weight: Optional[Tensor]) -> Tensor:
+    """Per-plane float32 PReLU slopes (zeros, unread, without a PReLU)."""
+    n, c = y.shape[:2]
+    if act_weight is None:
+        return y.new_zeros(n * c, dtype=torch.float32)
+    return act_weight.float().reshape(-1).expand(c).repeat(n)
 
 
 def _units(n: int, c: int, groups: int, device) -> Tuple[Tensor, int]:
@@ -84,6 +95,7 @@ def norm_act(
     eps: float,
     act: str,
     slope: float,
+    act_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of unet_fast::norm_act: (out, mean, invstd, unbiased var)."""
     y, channels_last = _layout(y)
@@ -95,7 +107,8 @@ def norm_act(
     if y.numel() == 0:
         zeros = y.new_zeros(stats_shape, dtype=torch.float32)
         return torch.empty_like(y), zeros, zeros.clone(), zeros.clone()
-    sums = _plane_sums(y, y, y.new_empty((2, n * c)), channels_last, False, act, slope)
+    slopes = _slopes(y, act_weight)
+    sums = _plane_sums(y, y, y.new_empty((2, n * c)), channels_last, False, 0, slope, slopes)
     # each plane's sums are around its first value f; recentre them on the unit's first plane's
     plane_first = y[(slice(None), slice(None)) + (0,) * (y.dim() - 2)].reshape(-1).double()
     # a unit's first plane: (sample 0, channel c) for BatchNorm, (n, g's first channel) for groups
@@ -110,7 +123,9 @@ def norm_act(
     var = (b / count - shifted_mean**2).clamp_min(0)
     mean, invstd = unit_first + shifted_mean, torch.rsqrt(var + eps)
     coef = _affine(y, groups, weight, bias, mean, invstd).float()
-    out = _plane_map(torch.empty_like(y), y, y, coef, channels_last, False, act, slope)
+    out = _plane_map(
+        torch.empty_like(y), y, y, coef, channels_last, False, ACTS[act], slope, slopes
+    )
     unbiased = var * count / (count - 1) if count > 1 else torch.full_like(var, float("nan"))
     return (out, *[t.float().view(stats_shape) for t in (mean, invstd, unbiased)])
 
@@ -134,13 +149,17 @@ def norm_act_apply(
     invstd: Tensor,
     act: str,
     slope: float,
+    act_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """act(norm(y)) with given statistics, as unet_fast::norm_act_apply."""
     y, channels_last = _layout(y)
     if y.numel() == 0:
         return torch.empty_like(y)
     coef = _affine(y, groups, weight, bias, mean, invstd).float()
-    return _plane_map(torch.empty_like(y), y, y, coef, channels_last, False, act, slope)
+    slopes = _slopes(y, act_weight)
+    return _plane_map(
+        torch.empty_like(y), y, y, coef, channels_last, False, ACTS[act], slope, slopes
+    )
 
 
 @triton_op("unet_fast::norm_act_backward_triton", mutates_args=())
@@ -154,9 +173,10 @@ def norm_act_backward(
     invstd: Tensor,
     act: str,
     slope: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_y, grad_weight, grad_bias) as the C++ kernel: grad_y = m dy k + a (y - mean) + b per
-    plane."""
+    act_weight: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_y, grad_weight, grad_bias, grad_act_weight) as the C++ kernel: grad_y = m dy k +
+    a (y - mean) + b per plane."""
     y, channels_last = _layout(y)
     dy = grad_out.to(y.dtype).contiguous(memory_format=torch._prims_common.suggest_memory_format(y))
     n, c = y.shape[:2]
@@ -170,7 +190,8 @@ def norm_act_backward(
     scale = gamma * invstd[unit]
     shift = beta - mean[unit] * scale
     plane_coef = torch.stack([scale, shift, mean[unit]]).float()
-    sums = _plane_sums(y, dy, plane_coef, channels_last, True, act, slope)
+    slopes = _slopes(y, act_weight)
+    sums = _plane_sums(y, dy, plane_coef, channels_last, True, ACTS[act], slope, slopes)
     unit_dy = torch.zeros(units, dtype=torch.float64, device=y.device).index_add_(
         0, unit, gamma * sums[0]
     )
@@ -179,8 +200,17 @@ def norm_act_backward(
     a = -(inv**3) * unit_dy_xmu[unit] / count
     b = -inv * unit_dy[unit] / count
     coef = torch.stack([scale, shift, gamma * inv, a, b, mean[unit]]).float()
-    grad_y = _plane_map(torch.empty_like(y), y, dy, coef, channels_last, True, act, slope)
+    grad_y = _plane_map(
+        torch.empty_like(y), y, dy, coef, channels_last, True, ACTS[act], slope, slopes
+    )
     grad_weight = (sums[1] * inv).view(n, c).sum(0)
     grad_bias = sums[0].view(n, c).sum(0)
     dtype = weight.dtype if weight is not None else torch.float32
-    return grad_y, grad_weight.to(dtype), grad_bias.to(dtype)
+    if act_weight is None:
+        grad_act_weight = y.new_empty((0,), dtype=dtype)
+    else:  # d(out)/d(slope) = the pre-activation where it is not > 0
+        negative = _plane_sums(y, dy, plane_coef, channels_last, True, SLOPE_GRADIENT, 0.0, slopes)
+        per_channel = negative[0].view(n, c).sum(0)
+        grad_act_weight = per_channel.sum() if act_weight.numel() == 1 else per_channel
+        grad_act_weight = grad_act_weight.reshape(act_weight.shape).to(act_weight.dtype)
+    return grad_y, grad_weight.to(dtype), grad_bias.to(dtype), grad_act_weight

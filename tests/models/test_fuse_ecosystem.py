@@ -172,17 +172,21 @@ def test_active_dropout_runs_as_written():
     assert_close(fused(x), seq(x), torch.float32)
 
 
-@pytest.mark.parametrize("name", ["nnunet-3d", "monai-basicunet-2d"])
-def test_fused_network_keeps_less_for_backward(name):
+@pytest.mark.parametrize(
+    "name,most", [("nnunet-3d", 0.76), ("monai-dynunet-3d", 0.71), ("monai-basicunet-2d", 0.83)]
+)
+def test_fused_network_keeps_less_for_backward(name, most):
     """Consecutive Conv -> Norm -> Act layers train as one chain that rebuilds the activations
-    between them: nnU-Net's stacked convolutions and MONAI's TwoConv keep 0.83-0.88x the bytes."""
+    between them, and a chain reading the chain before's output (nnU-Net's and DynUNet's next
+    encoder stage) keeps that output's recipe instead: measured 0.756, 0.707 and 0.830 of the
+    original's bytes (MONAI's TwoConv follows a pooling, whose output it keeps)."""
     make, shape = NETWORKS[name]
     torch.manual_seed(0)
     original = make()
     fused = unet_fast.fuse(copy.deepcopy(original))
     x = torch.randn(shape)
     ratio = saved_bytes(fused.train(), x) / saved_bytes(original.train(), x)
-    assert ratio < 0.9
+    assert ratio < most
 
 
 def test_training_under_autocast_within_the_bfloat16_rule():

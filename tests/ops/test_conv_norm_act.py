@@ -111,3 +111,49 @@ def test_chain_keeps_its_input_and_the_conv_outputs_only():
     # x and the four conv outputs, never an activation between the layers (nor the output)
     assert len(activations) == 5 and activations[0] is x
     assert all(t.data_ptr() != out.data_ptr() for t in activations)
+
+
+def two_chains(dims=2):
+    """stack()'s first two layers, then a strided pair as nnU-Net's next stage: two chains."""
+    torch.manual_seed(0)
+    first = nn.Sequential(*list(stack(dims))[:6]).double()
+    conv = nn.Conv3d if dims == 3 else nn.Conv2d
+    second = nn.Sequential(
+        conv(8, 6, 3, stride=2, padding=1),
+        nn.GroupNorm(2, 6),
+        nn.LeakyReLU(0.1),
+        conv(6, 6, 3, padding=1),
+        nn.GroupNorm(3, 6),
+        nn.ReLU(),
+    ).double()
+    return first, second
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["as_made", "changed_in_place"])
+def test_a_chain_keeps_the_recipe_of_the_chain_output_it_reads(in_place):
+    first, second = two_chains()
+    twin = nn.Sequential(copy.deepcopy(first), copy.deepcopy(second))
+    chains = [[chain_layer(run) for run in find_runs(leaves(m))[0]] for m in (first, second)]
+    model = nn.Sequential(first, second)
+
+    made = []
+
+    def fused(x):
+        h = conv_norm_act_chain(x, chains[0], backend="cpu")
+        if in_place:  # voids the recipe: the second chain keeps h itself
+            h.mul_(1.5)
+        made.append(h)
+        return conv_norm_act_chain(h, chains[1], backend="cpu")
+
+    def modules(x):
+        h = twin[0](x)
+        return twin[1](h.mul(1.5) if in_place else h)
+
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = step(fused, model, x.clone().requires_grad_())
+    want = step(modules, twin, x.clone().requires_grad_())
+    assert_close(got, want, torch.float64)
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert (made[0].untyped_storage().data_ptr() in storages) == in_place

@@ -5,7 +5,10 @@ Each layer's convolution (any stride, padding, dilation, groups; 2-D or 3-D) run
 and its norm + activation through norm_act's kernels. Saved for backward: the chain's input and
 each layer's conv output y with its statistics; a layer's input, the previous layer's
 activation, is rebuilt from that recipe in backward (norm_act_apply, the forward's arithmetic)
-instead of being kept, as double_conv does for BatchNorm + ReLU.
+instead of being kept, as double_conv does for BatchNorm + ReLU. A chain's output carries its
+recipe too: a chain that consumes it unchanged (nnU-Net's next encoder stage, whose strided
+conv reads the previous stage's output) keeps the recipe, already kept by the chain before it,
+instead of its input.
 """
 
 from typing import NamedTuple, Optional, Sequence
@@ -45,6 +48,34 @@ class Layer(NamedTuple):
     act_weight: Optional[torch.Tensor] = None  # PReLU's
 
 
+class Recipe(NamedTuple):
+    """How to rebuild a chain's output: its last layer's conv output and statistics."""
+
+    y: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    layer: Layer
+    version: int  # the output's version when made: an in-place change voids the recipe
+
+
+def _rebuild(recipe_layer, y, mean, invstd, norm_act_apply):
+    """A layer's activation from its conv output and statistics (the forward's arithmetic)."""
+    groups, slope = kernel_arguments(
+        y, recipe_layer.norm, recipe_layer.groups, recipe_layer.act, recipe_layer.negative_slope
+    )
+    return norm_act_apply(
+        y,
+        groups,
+        recipe_layer.norm_weight,
+        recipe_layer.norm_bias,
+        mean,
+        invstd,
+        recipe_layer.act,
+        slope,
+        recipe_layer.act_weight,
+    )
+
+
 def _conv(x, layer):
     dims = x.dim() - 2
     return torch.ops.aten.convolution(
@@ -62,7 +93,7 @@ def _conv(x, layer):
 
 class _Chain(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layers, kernels, *params):
+    def forward(ctx, x, layers, kernels, recipe, *params):
         norm_act, _, _ = kernels
         h, ys, stats, returned = x, [], [], []
         for layer in layers:
@@ -95,8 +126,12 @@ class _Chain(torch.autograd.Function):
             ys.append(y)
             stats += [mean, invstd]
             returned += [mean, var]
-        ctx.save_for_backward(x, *ys, *stats, *params)
+        # the input, or the recipe it is made from (tensors the chain before keeps already)
+        source = [x] if recipe is None else [recipe.y, recipe.mean, recipe.invstd]
+        ctx.save_for_backward(*source, *ys, *stats, *params)
         ctx.layers, ctx.kernels = layers, kernels
+        ctx.recipe_layer = None if recipe is None else recipe.layer
+        returned += [ys[-1], stats[-1]]  # the output's own recipe: last conv output, 1/std
         ctx.mark_non_differentiable(*returned)
         ctx.set_materialize_grads(False)
         return (h, *returned)
@@ -105,11 +140,16 @@ class _Chain(torch.autograd.Function):
     def backward(ctx, grad, *_):
         layers, (_, norm_act_backward, norm_act_apply) = ctx.layers, ctx.kernels
         n = len(layers)
-        x, *saved = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if ctx.recipe_layer is None:
+            x, saved = saved[0], saved[1:]
+        else:  # the input was not kept: rebuilt from the previous chain's recipe
+            x = _rebuild(ctx.recipe_layer, *saved[:3], norm_act_apply)
+            saved = saved[3:]
         ys, stats = saved[:n], saved[n : 3 * n]
         param_grads = [None] * (5 * n)
         if grad is None:
-            return (None, None, None, *param_grads)
+            return (None, None, None, None, *param_grads)
         for i in reversed(range(n)):
             layer, y, mean, invstd = layers[i], ys[i], stats[2 * i], stats[2 * i + 1]
             groups, slope = kernel_arguments(
@@ -128,20 +168,8 @@ class _Chain(torch.autograd.Function):
                 layer.act_weight,
             )
             if i:  # the layer's input: the previous activation, rebuilt from its recipe
-                before = layers[i - 1]
-                g, s = kernel_arguments(
-                    ys[i - 1], before.norm, before.groups, before.act, before.negative_slope
-                )
-                h = norm_act_apply(
-                    ys[i - 1],
-                    g,
-                    before.norm_weight,
-                    before.norm_bias,
-                    stats[2 * i - 2],
-                    stats[2 * i - 1],
-                    before.act,
-                    s,
-                    before.act_weight,
+                h = _rebuild(
+                    layers[i - 1], ys[i - 1], stats[2 * i - 2], stats[2 * i - 1], norm_act_apply
                 )
             else:
                 h = x
@@ -167,7 +195,7 @@ class _Chain(torch.autograd.Function):
                 grad_b if layer.norm_bias is not None else None,
                 grad_a if layer.act_weight is not None else None,
             ]
-        return (grad, None, None, *param_grads)
+        return (grad, None, None, None, *param_grads)
 
 
 def conv_norm_act_chain(x, layers: Sequence[Layer], *, backend: str = "auto"):
@@ -185,7 +213,15 @@ def conv_norm_act_chain(x, layers: Sequence[Layer], *, backend: str = "auto"):
         for layer in layers
         for t in (layer.weight, layer.bias, layer.norm_weight, layer.norm_bias, layer.act_weight)
     ]
-    out, *returned = _Chain.apply(x, layers, kernels_for(chosen), *params)
+    compiling = torch.compiler.is_compiling()  # tensor attributes are eager's business
+    recipe = None if compiling else getattr(x, "_unet_fast_recipe", None)
+    if recipe is not None and recipe.version != x._version:
+        recipe = None  # changed in place since: kept as it is
+    out, *returned, last_y, last_invstd = _Chain.apply(
+        x, layers, kernels_for(chosen), recipe, *params
+    )
+    if not compiling:
+        out._unet_fast_recipe = Recipe(last_y, returned[-2], last_invstd, layers[-1], out._version)
     for layer, mean, var in zip(layers, returned[::2], returned[1::2], strict=True):
         # an empty batch leaves the running statistics as they are (only zero is looked at)
         update_norm_stats(

@@ -4,11 +4,10 @@ from torch import nn
 
 from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, runs
 from .nn.conv_norm_act import (
-    KNOWN_ORDER,
     FusedConvNormAct,
     describe,
+    known_order,
     plain_sequential,
-    qualname,
 )
 
 
@@ -29,7 +28,7 @@ def _fused(seq: nn.Module, backend: str):
 
     Stride-1 Conv2d -> BatchNorm2d -> ReLU runs take the BN-ReLU ops (folded in eval, the double
     conv storing less for backward); other Conv -> Norm -> Act runs take ops.norm_act."""
-    order = KNOWN_ORDER.get(qualname(seq))
+    order = known_order(seq)
     if order is None and runs(list(seq)):
         for cls in (FusedDoubleConv, FusedConvBNReLU, FusedSequential):
             try:
@@ -46,7 +45,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     """Replaces, in place, every nn.Sequential holding Conv -> Norm -> Act runs with a fused
     module wrapping the same children: parameters, buffers, names and state_dict keys are
     unchanged. Recognised: the tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's
-    Conv2dReLU, nnU-Net's ConvDropoutNormReLU and StackedConvBlocks (in residual encoders too),
+    Conv2dReLU, nnU-Net's ConvDropoutNormReLU, StackedConvBlocks and residual BasicBlockD / BottleneckD,
     MONAI's Convolution (conv then ADN, in ResidualUnit too), TwoConv and DynUNet's UnetBasicBlock
     and UnetResBlock (both paths; the sum and its activation as written); 2-D and 3-D,
     BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / none. Sequential subclasses count
@@ -59,7 +58,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
         if any(name == f or name.startswith(f + ".") for f in done.fused):
             continue  # inside a module fused already (its runs include this one's)
         for child_name, child in list(module.named_children()):
-            if not (plain_sequential(child) or qualname(child) in KNOWN_ORDER):
+            if not (plain_sequential(child) or known_order(child) is not None):
                 continue
             path = f"{name}.{child_name}" if name else child_name
             if id(child) in replaced:  # one module under two names: one fused module too

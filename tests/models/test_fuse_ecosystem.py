@@ -220,3 +220,32 @@ def test_residual_blocks_fuse_both_paths():
     three_runs = "Conv3d -> InstanceNorm3d -> LeakyReLU; Conv3d -> InstanceNorm3d; Conv3d -> "
     assert report.fused["input_block"] == three_runs + "InstanceNorm3d"
     assert list(report.left) == ["output_block.conv"]
+
+
+def test_nnunet_residual_blocks_chain_and_blocks_doing_more_are_left():
+    """BasicBlockD: conv1 and conv2 as one chain, the projection shortcut fused; one with
+    squeeze-excitation runs its own forward, its ConvDropoutNormReLU modules fused one by one."""
+    _, report = unet_fast.fuse(residual_encoder_unet(3), report=True)
+    stride_two = "Conv3d -> InstanceNorm3d -> LeakyReLU; Conv3d -> InstanceNorm3d; Conv3d -> "
+    assert report.fused["encoder.stages.1.blocks.0"] == stride_two + "InstanceNorm3d"
+    residual = pytest.importorskip("dynamic_network_architectures.building_blocks.residual")
+    torch.manual_seed(0)
+    block = residual.BasicBlockD(
+        nn.Conv2d,
+        4,
+        8,
+        3,
+        2,
+        False,
+        nn.InstanceNorm2d,
+        {"affine": True},
+        None,
+        None,
+        nn.LeakyReLU,
+        {"inplace": True},
+        squeeze_excitation=True,
+    ).double()
+    fused, report = unet_fast.fuse(copy.deepcopy(block), report=True)
+    assert sorted(report.fused) == ["conv1.all_modules", "conv2.all_modules", "skip"]
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    assert_close(step(fused, x, True), step(block, x, True), torch.float64)

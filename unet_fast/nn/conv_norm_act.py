@@ -59,16 +59,25 @@ RUNS_ALL_MODULES = (
 
 class Residual(NamedTuple):
     """A block whose forward is `act(main(x) + shortcut(x))`, each path its children called in
-    order; the shortcut is x itself when the block has none of its children."""
+    order; the shortcut is x itself when the block has none of its children, the act nothing
+    when it is not a child. Blocks with a true attribute named in `unless` do more: left."""
 
     main: tuple
     shortcut: tuple
     act: str
+    unless: tuple = ()
 
 
+NNUNET_RESIDUAL = "dynamic_network_architectures.building_blocks.residual."
+EXTRAS = ("apply_stochastic_depth", "apply_se")  # DropPath, squeeze-excitation: not fused
 # Modules whose forward calls their children in this order, nothing else (MONAI's DynUNet
-# blocks; UnetResBlock has conv3 and norm3 only when its shortcut changes the shape).
+# blocks; UnetResBlock has conv3 and norm3 only when its shortcut changes the shape; nnU-Net's
+# residual blocks' skip is a pooling and a 1x1 conv, or the identity).
 KNOWN_ORDER = {
+    NNUNET_RESIDUAL + "BasicBlockD": Residual(("conv1", "conv2"), ("skip",), "nonlin2", EXTRAS),
+    NNUNET_RESIDUAL + "BottleneckD": Residual(
+        ("conv1", "conv2", "conv3"), ("skip",), "nonlin3", EXTRAS
+    ),
     "monai.networks.blocks.dynunet_block.UnetBasicBlock": (
         "conv1",
         "norm1",
@@ -83,11 +92,19 @@ KNOWN_ORDER = {
 }
 
 
+def known_order(module: nn.Module):
+    """The KNOWN_ORDER entry that describes `module`'s forward, or None."""
+    order = KNOWN_ORDER.get(qualname(module))
+    if isinstance(order, Residual) and any(getattr(module, a, False) for a in order.unless):
+        return None
+    return order
+
+
 def leaves(seq: nn.Module, order=None) -> list:
     """The modules a Sequential's forward (or a KNOWN_ORDER module's path) calls in order,
     looking into children that are plain Sequentials or modules of RUNS_ALL_MODULES."""
     found = []
-    named = None if order is None else [getattr(seq, n) for n in order if hasattr(seq, n)]
+    named = None if order is None else [seq._modules[n] for n in order if n in seq._modules]
     for child in seq if named is None else named:
         if qualname(child) in RUNS_ALL_MODULES:
             found += leaves(child.all_modules)
@@ -269,7 +286,7 @@ class FusedConvNormAct(nn.Sequential):
     def from_module(cls, module: nn.Module, backend: str = "auto"):
         """Wraps a plain Sequential's or a KNOWN_ORDER module's children (sharing parameters,
         keeping their names)."""
-        order = KNOWN_ORDER.get(qualname(module))
+        order = known_order(module)
         fused = cls(OrderedDict(module.named_children()), backend=backend, order=order)
         fused.train(module.training)
         return fused
@@ -278,7 +295,8 @@ class FusedConvNormAct(nn.Sequential):
         out = self.run_path(x, *self.paths[0])
         if self.after is None:
             return out
-        return getattr(self, self.after)(out + self.run_path(x, *self.paths[1]))
+        out = out + self.run_path(x, *self.paths[1])
+        return self._modules[self.after](out) if self.after in self._modules else out
 
     def run_path(self, x, modules: list, starts: dict):
         if _backend.resolve(self.backend, x.device, "norm_act") == "reference":

@@ -45,11 +45,12 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     """Replaces, in place, every nn.Sequential holding Conv -> Norm -> Act runs with a fused
     module wrapping the same children: parameters, buffers, names and state_dict keys are
     unchanged. Recognised: the tutorial's DoubleConv, Pytorch-UNet's, segmentation_models_pytorch's
-    Conv2dReLU, nnU-Net's ConvDropoutNormReLU, StackedConvBlocks and residual BasicBlockD / BottleneckD,
-    MONAI's Convolution (conv then ADN, in ResidualUnit too), TwoConv and DynUNet's UnetBasicBlock
-    and UnetResBlock (both paths; the sum and its activation as written); 2-D and 3-D,
-    BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / none. Sequential subclasses count
-    when they keep Sequential's forward; other modules with a forward of their own are left as written.
+    Conv2dReLU, nnU-Net's ConvDropoutNormReLU, StackedConvBlocks and residual blocks (BasicBlockD,
+    BottleneckD), MONAI's Convolution (conv then ADN, in ResidualUnit too), TwoConv and DynUNet's
+    UnetBasicBlock and UnetResBlock (residual blocks: both paths, the sum and its activation as
+    written); 2-D and 3-D, BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / PReLU / none.
+    Sequential subclasses count when they keep Sequential's forward; other modules with a
+    forward of their own are left as written.
 
     Returns the model, or (model, FuseReport) with report=True.
     """

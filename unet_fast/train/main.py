@@ -203,7 +203,7 @@ def volume_datasets(args):
     crop = crop_size(args)
     augment = VolumeTransform(crop, args.symmetry, args.intensity_p)
     if args.data is None:
-        train = SyntheticVolumes(16, crop, seed=args.seed, transform=augment)
+        train = SyntheticVolumes(32, crop, seed=args.seed, transform=augment)
         val = SyntheticVolumes(4, crop, seed=args.seed + 1)
         values = {"foreground_value": 255, "class_values": [0, 255]}
     else:

@@ -55,6 +55,7 @@ class Recipe(NamedTuple):
     mean: torch.Tensor
     invstd: torch.Tensor
     layer: Layer
+    apply: object  # the backend's norm_act_apply, which made the output
     version: int  # the output's version when made: an in-place change voids the recipe
 
 
@@ -130,7 +131,7 @@ class _Chain(torch.autograd.Function):
         source = [x] if recipe is None else [recipe.y, recipe.mean, recipe.invstd]
         ctx.save_for_backward(*source, *ys, *stats, *params)
         ctx.layers, ctx.kernels = layers, kernels
-        ctx.recipe_layer = None if recipe is None else recipe.layer
+        ctx.recipe = None if recipe is None else (recipe.layer, recipe.apply)
         returned += [ys[-1], stats[-1]]  # the output's own recipe: last conv output, 1/std
         ctx.mark_non_differentiable(*returned)
         ctx.set_materialize_grads(False)
@@ -141,10 +142,11 @@ class _Chain(torch.autograd.Function):
         layers, (_, norm_act_backward, norm_act_apply) = ctx.layers, ctx.kernels
         n = len(layers)
         saved = ctx.saved_tensors
-        if ctx.recipe_layer is None:
+        if ctx.recipe is None:
             x, saved = saved[0], saved[1:]
         else:  # the input was not kept: rebuilt from the previous chain's recipe
-            x = _rebuild(ctx.recipe_layer, *saved[:3], norm_act_apply)
+            recipe_layer, recipe_apply = ctx.recipe
+            x = _rebuild(recipe_layer, *saved[:3], recipe_apply)
             saved = saved[3:]
         ys, stats = saved[:n], saved[n : 3 * n]
         param_grads = [None] * (5 * n)
@@ -217,11 +219,12 @@ def conv_norm_act_chain(x, layers: Sequence[Layer], *, backend: str = "auto"):
     recipe = None if compiling else getattr(x, "_unet_fast_recipe", None)
     if recipe is not None and recipe.version != x._version:
         recipe = None  # changed in place since: kept as it is
-    out, *returned, last_y, last_invstd = _Chain.apply(
-        x, layers, kernels_for(chosen), recipe, *params
-    )
+    kernels = kernels_for(chosen)
+    out, *returned, last_y, last_invstd = _Chain.apply(x, layers, kernels, recipe, *params)
     if not compiling:
-        out._unet_fast_recipe = Recipe(last_y, returned[-2], last_invstd, layers[-1], out._version)
+        out._unet_fast_recipe = Recipe(
+            last_y, returned[-2], last_invstd, layers[-1], kernels[2], out._version
+        )
     for layer, mean, var in zip(layers, returned[::2], returned[1::2], strict=True):
         # an empty batch leaves the running statistics as they are (only zero is looked at)
         update_norm_stats(

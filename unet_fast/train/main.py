@@ -3,6 +3,7 @@ process runs it): data sets from the command line, the model, then `fit`."""
 
 import argparse
 import dataclasses
+import math
 
 import torch
 
@@ -196,6 +197,7 @@ def crop_size(args) -> tuple[int, ...]:
 
 def volume_datasets(args):
     """datasets() for --spatial-dims 3: z-scored volumes, crops, flips and in-plane turns."""
+    from .images import volume_shape
     from .volumes import SyntheticVolumes, VolumeFolder, VolumeTransform
 
     if args.learn_offset:
@@ -210,7 +212,9 @@ def volume_datasets(args):
         image_dir, mask_dir = find_image_mask_folders(args.data)
         everything = VolumeFolder(image_dir, mask_dir, foreground=args.foreground)
         count, val_count = len(everything), validation_count(args, everything)
-        options = {"foreground": args.foreground, "cache": True}
+        # float32 volume + int32 mask per voxel (one channel assumed), read from the headers
+        voxels = sum(math.prod(volume_shape(s.image)) for s in everything.samples)
+        options = {"foreground": args.foreground, "cache": voxels * 8 <= args.cache_mb * 2**20}
         train = VolumeFolder(
             image_dir, mask_dir, indices=range(count - val_count), transform=augment, **options
         )

@@ -218,7 +218,7 @@ def predict_files(
     inputs,
     out_dir,
     *,
-    tile: int = 256,
+    tile: int | None = None,
     overlap: int = 32,
     batch_size: int = 4,
     device=None,
@@ -236,7 +236,8 @@ def predict_files(
     `foreground_value` for the positive class and the other of 0/255 elsewhere; multi-class
     masks hold `class_values[argmax]`. `device` None picks CUDA when present. `tta` averages
     the views the model was trained under (the checkpoint's `symmetry`); a learnt label offset
-    (`--learn-offset`) is applied to the logits. `blend`: see predict.predict_tiled.
+    (`--learn-offset`) is applied to the logits. `tile` (default 256, 128 for volumes), `overlap`,
+    `batch_size`, `blend`: see predict.predict_tiled.
 
     Grey and RGB images are converted to the model's channel count as training reads them.
     Errors, raised before anything is written: FileNotFoundError for a missing input,
@@ -253,8 +254,10 @@ def predict_files(
     model, state = load_model(checkpoint, map_location=device)
     data = _data_entry(state, checkpoint, model)
     symmetry = state.get("config", {}).get("symmetry", "dihedral")  # --tta: the training's views
+    three_d = getattr(model, "spatial_dims", 2) == 3
+    tile = tile or (128 if three_d else 256)
     tiling = {"tile": tile, "overlap": overlap, "batch_size": batch_size, "blend": blend}
-    if getattr(model, "spatial_dims", 2) == 3:
+    if three_d:
         volumes = _collect(inputs, is_volume, "NIfTI or TIFF volumes")
         return _predict_volumes(model, data, volumes, Path(out_dir), tta, symmetry, tiling)
     files = _collect(inputs)
@@ -337,8 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tile",
         type=int,
-        default=256,
-        help="largest model input per tile along each axis, in pixels (default 256)",
+        help="largest model input per tile along each axis, in pixels (default 256 for "
+        "images, 128 for volumes)",
     )
     parser.add_argument(
         "--overlap",

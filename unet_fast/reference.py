@@ -4,6 +4,7 @@ This module is the contract: the fallback when no kernel is built and the oracle
 tested against. It favours clarity over speed, and imports nothing of the package.
 """
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -176,9 +177,17 @@ def nearest_valid_sizes(size: int, padding: str, depth: int = DEPTH, count: int 
 
 
 def check_input(
-    x: torch.Tensor, in_channels: int, padding: str, depth: int = DEPTH, spatial_dims: int = 2
+    x: torch.Tensor,
+    in_channels: int,
+    padding: str,
+    depth: int = DEPTH,
+    spatial_dims: int = 2,
+    norm: str = "batch",
+    training: bool = False,
 ) -> None:
-    """Raises TypeError/ValueError naming the expected shape when a UNet cannot take `x`."""
+    """Raises TypeError/ValueError naming the expected shape when a UNet cannot take `x`: also
+    when its norm would see one value per channel at the bottleneck (InstanceNorm always,
+    BatchNorm in training with a batch of one)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"UNet expects a torch.Tensor, got {type(x).__name__}")
     axes = ("height", "width") if spatial_dims == 2 else ("depth", "height", "width")
@@ -205,6 +214,15 @@ def check_input(
                 f"input {axis} {size} does not fit the valid-padding U-Net (every "
                 f"pooled map must be even); nearest valid sizes: {near}"
             )
+    bottom = [size // 2**depth for size in x.shape[2:]]
+    batch = x.shape[0] if norm == "batch" else 1
+    if padding == "same" and math.prod(bottom) * batch == 1 and (norm == "instance" or training):
+        what = "InstanceNorm" if norm == "instance" else "BatchNorm in training (a batch of one)"
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} leaves one value per channel at the "
+            f"{'x'.join(map(str, bottom))} bottleneck, and {what} needs more: make an axis at "
+            f"least {2 ** (depth + 1)}" + (" or the batch larger" if norm == "batch" else "")
+        )
 
 
 # The reference U-Net: the tutorial's modules and state_dict keys. With bilinear=False it computes
@@ -382,6 +400,7 @@ class UNet(nn.Module):
         self.in_channels, self.num_classes, self.bilinear = in_channels, num_classes, bilinear
         self.padding, self.spatial_dims = padding, spatial_dims
         layers = Layers(spatial_dims, norm, act)
+        self.norm = layers.norm_name
         f = list(features) if features else [base_features * 2**i for i in range(DEPTH + 1)]
         factor = 2 if bilinear else 1
         self.inc = DoubleConv(in_channels, f[0], padding=padding, layers=layers)
@@ -400,7 +419,9 @@ class UNet(nn.Module):
         self.outc = layers.conv(f[0], num_classes, kernel_size=1)
 
     def forward(self, x):
-        check_input(x, self.in_channels, self.padding, spatial_dims=self.spatial_dims)
+        check_input(
+            x, self.in_channels, self.padding, DEPTH, self.spatial_dims, self.norm, self.training
+        )
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)

@@ -104,3 +104,20 @@ def test_a_volume_network_refuses_an_image():
         ours(torch.randn(2, 1, 16, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="input depth 8 is too small for 4 poolings"):
         ours(torch.randn(2, 1, 8, 16, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("model", ["ours", "reference"])
+def test_one_value_per_channel_at_the_bottleneck_is_refused_naming_the_sizes(model):
+    """InstanceNorm at a 1x1x1 bottleneck (any mode), BatchNorm there with a batch of one in
+    training: a clear error before any layer runs; one axis of 32 or a second sample is enough."""
+    instance = twins(3, "instance", "relu")[model == "reference"]
+    message = r"\(1, 1, 16, 16, 16\) leaves one value per channel at the 1x1x1 bottleneck"
+    for mode in (True, False):
+        with pytest.raises(ValueError, match=message + ", and InstanceNorm needs more"):
+            instance.train(mode)(torch.randn(1, 1, 16, 16, 16, dtype=torch.float64))
+    assert instance(torch.randn(1, 1, 16, 16, 32, dtype=torch.float64)).shape == (1, 2, 16, 16, 32)
+    batch = twins(2, "batch", "relu")[model == "reference"].train()
+    with pytest.raises(ValueError, match=r"BatchNorm in training \(a batch of one\) needs more"):
+        batch(torch.randn(1, 1, 16, 16, dtype=torch.float64))
+    assert batch(torch.randn(2, 1, 16, 16, dtype=torch.float64)).shape == (2, 2, 16, 16)
+    assert batch.eval()(torch.randn(1, 1, 16, 16, dtype=torch.float64)).shape == (1, 2, 16, 16)

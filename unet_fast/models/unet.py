@@ -121,7 +121,15 @@ class UNet(FusedModel, reference.UNet):
         return block.conv(ops.crop_concat(skip, x, size, backend=self.backend))
 
     def forward(self, x):
-        reference.check_input(x, self.in_channels, self.padding, spatial_dims=self.spatial_dims)
+        reference.check_input(
+            x,
+            self.in_channels,
+            self.padding,
+            reference.DEPTH,
+            self.spatial_dims,
+            self.norm,
+            self.training,
+        )
         x, fmt = self.layout(x)
         skips = [self.encode(0, x)]
         for level in range(1, 5):

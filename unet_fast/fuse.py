@@ -9,6 +9,7 @@ from .nn.conv_norm_act import (
     known_order,
     plain_sequential,
 )
+from .nn.recipe import read_recipes
 
 
 class FuseReport:
@@ -74,4 +75,6 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
             setattr(module, child_name, fused)
             replaced[id(child)] = fused
             done.fused[path] = what
+    if any(isinstance(m, FusedConvNormAct) for m in model.modules()):
+        read_recipes(model)  # its chains' outputs are kept by their recipes
     return (model, done) if report else model

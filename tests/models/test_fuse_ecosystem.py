@@ -173,13 +173,13 @@ def test_active_dropout_runs_as_written():
 
 
 @pytest.mark.parametrize(
-    "name,most", [("nnunet-3d", 0.76), ("monai-dynunet-3d", 0.71), ("monai-basicunet-2d", 0.83)]
+    "name,most", [("nnunet-3d", 0.76), ("monai-dynunet-3d", 0.61), ("monai-basicunet-2d", 0.67)]
 )
 def test_fused_network_keeps_less_for_backward(name, most):
     """Consecutive Conv -> Norm -> Act layers train as one chain that rebuilds the activations
-    between them, and a chain reading the chain before's output (nnU-Net's and DynUNet's next
-    encoder stage) keeps that output's recipe instead: measured 0.756, 0.707 and 0.830 of the
-    original's bytes (MONAI's TwoConv follows a pooling, whose output it keeps)."""
+    between them, and whatever reads a chain's output unchanged (the next chain, a transposed
+    convolution, the segmentation head, a max pooling) keeps its recipe instead: measured
+    0.750, 0.606 and 0.662 of the original's bytes."""
     make, shape = NETWORKS[name]
     torch.manual_seed(0)
     original = make()
@@ -249,3 +249,19 @@ def test_nnunet_residual_blocks_chain_and_blocks_doing_more_are_left():
     assert sorted(report.fused) == ["conv1.all_modules", "conv2.all_modules", "skip"]
     x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
     assert_close(step(fused, x, True), step(block, x, True), torch.float64)
+
+
+def test_fused_convolutions_and_poolings_read_recipes_and_still_pickle(tmp_path):
+    """fuse() swaps the network's convolutions and max poolings for their recipe-reading
+    classes: the same modules, parameters and keys; the whole model still saves and loads."""
+    torch.manual_seed(0)
+    original = basic_unet(2).double()
+    fused = unet_fast.fuse(copy.deepcopy(original))
+    kinds = {type(m).__name__ for m in fused.modules()}
+    assert {"RecipeConv2d", "RecipeConvTranspose2d", "RecipeMaxPool2d"} <= kinds
+    assert not kinds & {"Conv2d", "ConvTranspose2d", "MaxPool2d"}
+    assert list(fused.state_dict()) == list(original.state_dict())
+    torch.save(fused, tmp_path / "fused.pt")
+    again = torch.load(tmp_path / "fused.pt", weights_only=False)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    assert_close(step(again, x, True), step(original, x, True), torch.float64)

@@ -10,6 +10,7 @@ from torch import nn
 from tests.helpers import assert_bf16_within_rule, assert_close, rms
 from unet_fast import _backend
 from unet_fast.nn.conv_norm_act import chain_layer, find_runs, leaves
+from unet_fast.nn.recipe import read_recipes
 from unet_fast.ops.conv_norm_act import conv_norm_act_chain
 
 pytestmark = pytest.mark.skipif(
@@ -157,3 +158,42 @@ def test_a_chain_keeps_the_recipe_of_the_chain_output_it_reads(in_place):
     assert_close(got, want, torch.float64)
     storages = {t.untyped_storage().data_ptr() for t in saved}
     assert (made[0].untyped_storage().data_ptr() in storages) == in_place
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [
+        lambda: nn.ConvTranspose2d(8, 4, 2, stride=2),
+        lambda: nn.Conv2d(8, 3, 1),
+        lambda: nn.Conv2d(8, 3, 3, padding=2, dilation=2, groups=1, bias=False),
+        lambda: nn.MaxPool2d(2),
+        lambda: nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+    ],
+    ids=["transposed", "1x1", "dilated", "pool", "pool-ceil"],
+)
+def test_convolutions_and_poolings_keep_a_chain_outputs_recipe(reader):
+    first, _ = two_chains()
+    torch.manual_seed(1)
+    plain = reader().double()
+    swapped = copy.deepcopy(plain)
+    read_recipes(swapped)
+    assert type(swapped).__name__ == "Recipe" + type(plain).__name__
+    twin = nn.Sequential(copy.deepcopy(first), plain)
+    layers = [chain_layer(run) for run in find_runs(leaves(first))[0]]
+    model = nn.Sequential(first, swapped)
+    made = []
+
+    def fused(x):
+        made.append(conv_norm_act_chain(x, layers, backend="cpu"))
+        return swapped(made[-1])
+
+    x = torch.randn(2, 3, 10, 12, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = step(fused, model, x.clone().requires_grad_())
+    assert_close(got, step(twin, twin, x.clone().requires_grad_()), torch.float64)
+    assert made[0].untyped_storage().data_ptr() not in {
+        t.untyped_storage().data_ptr() for t in saved
+    }
+    with torch.no_grad():  # no gradient: the module's own forward
+        assert_close(swapped(made[0]), plain(made[0]), torch.float64)

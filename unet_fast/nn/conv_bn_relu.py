@@ -14,13 +14,14 @@ from torch import nn
 
 from .. import _backend, ops
 from ..ops import recompute
+from .recipe import RecipeConv2d
 from .sync_batch_norm import sync_batch_norm_relu
 
 
 def fusable(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether a Conv2d -> BatchNorm2d pair has the form the fused ops compute."""
     return (
-        type(conv) is nn.Conv2d
+        type(conv) in (nn.Conv2d, RecipeConv2d)
         and type(bn) is nn.BatchNorm2d
         and conv.out_channels == bn.num_features
         and conv.groups == 1

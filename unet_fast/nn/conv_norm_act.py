@@ -20,8 +20,9 @@ from torch import nn
 from .. import _backend, ops
 from ..ops.conv_norm_act import Layer, conv_norm_act_chain
 from .conv_bn_relu import batch_norm_mode
+from .recipe import RecipeConv2d, RecipeConv3d
 
-CONVS = (nn.Conv2d, nn.Conv3d)
+CONVS = (nn.Conv2d, nn.Conv3d, RecipeConv2d, RecipeConv3d)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 NORMS = {
     nn.BatchNorm2d: "batch",

@@ -200,6 +200,95 @@ class _Chain(torch.autograd.Function):
         return (grad, None, None, None, *param_grads)
 
 
+def recipe_of(x: torch.Tensor) -> Optional[Recipe]:
+    """The recipe `x` carries as a chain's output, unless changed in place since (or compiled:
+    tensor attributes are eager's business)."""
+    if torch.compiler.is_compiling():
+        return None
+    recipe = getattr(x, "_unet_fast_recipe", None)
+    return recipe if recipe is not None and recipe.version == x._version else None
+
+
+class ConvOp(NamedTuple):
+    """A convolution (or transposed one) whose backward reads its input."""
+
+    stride: Sequence[int]
+    padding: Sequence[int]
+    dilation: Sequence[int]
+    transposed: bool
+    output_padding: Sequence[int]
+    groups: int
+
+    def forward(self, x, weight, bias):
+        out = torch.ops.aten.convolution(x, weight, bias, *self)
+        return out, ()
+
+    def backward(self, grad, x, params, extra, needs):
+        weight, bias = params
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None if bias is None else [bias.shape[0]],
+            *self,
+            [needs[0], needs[1], bias is not None and needs[2]],
+        )
+        return grad_x, (grad_w, grad_b)
+
+
+class MaxPoolOp(NamedTuple):
+    """A max pooling: its backward reads its input and the indices of the maxima."""
+
+    kernel_size: Sequence[int]
+    stride: Sequence[int]
+    padding: Sequence[int]
+    dilation: Sequence[int]
+    ceil_mode: bool
+
+    def forward(self, x):
+        pool = (
+            torch.ops.aten.max_pool3d_with_indices
+            if x.dim() == 5
+            else (torch.ops.aten.max_pool2d_with_indices)
+        )
+        out, indices = pool(x, *self)
+        return out, (indices,)
+
+    def backward(self, grad, x, params, extra, needs):
+        backward = (
+            torch.ops.aten.max_pool3d_with_indices_backward
+            if x.dim() == 5
+            else (torch.ops.aten.max_pool2d_with_indices_backward)
+        )
+        return backward(grad, x, *self, extra[0]), ()
+
+
+class _FromRecipe(torch.autograd.Function):
+    """op(x) keeping, for backward, the recipe x is rebuilt from instead of x."""
+
+    @staticmethod
+    def forward(ctx, x, recipe, op, *params):
+        out, extra = op.forward(x, *params)
+        ctx.save_for_backward(recipe.y, recipe.mean, recipe.invstd, *params, *extra)
+        ctx.recipe, ctx.op, ctx.params = (recipe.layer, recipe.apply), op, len(params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, mean, invstd, *rest = ctx.saved_tensors
+        params, extra = rest[: ctx.params], rest[ctx.params :]
+        x = _rebuild(ctx.recipe[0], y, mean, invstd, ctx.recipe[1])
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        grad_x, grad_params = ctx.op.backward(grad, x, params, extra, needs)
+        return (grad_x, None, None, *grad_params)
+
+
+def from_recipe(op, x: torch.Tensor, recipe: Recipe, *params) -> torch.Tensor:
+    """op(x) (a ConvOp with its weight and bias, or a MaxPoolOp) for a chain's output x, keeping
+    x's recipe (tensors the chain keeps already) for backward instead of x."""
+    return _FromRecipe.apply(x, recipe, op, *params)
+
+
 def conv_norm_act_chain(x, layers: Sequence[Layer], *, backend: str = "auto"):
     """The layers one after the other, each with batch statistics (training; GroupNorm; an
     InstanceNorm that tracks no running statistics), updating running statistics as the
@@ -215,13 +304,9 @@ def conv_norm_act_chain(x, layers: Sequence[Layer], *, backend: str = "auto"):
         for layer in layers
         for t in (layer.weight, layer.bias, layer.norm_weight, layer.norm_bias, layer.act_weight)
     ]
-    compiling = torch.compiler.is_compiling()  # tensor attributes are eager's business
-    recipe = None if compiling else getattr(x, "_unet_fast_recipe", None)
-    if recipe is not None and recipe.version != x._version:
-        recipe = None  # changed in place since: kept as it is
     kernels = kernels_for(chosen)
-    out, *returned, last_y, last_invstd = _Chain.apply(x, layers, kernels, recipe, *params)
-    if not compiling:
+    out, *returned, last_y, last_invstd = _Chain.apply(x, layers, kernels, recipe_of(x), *params)
+    if not torch.compiler.is_compiling():
         out._unet_fast_recipe = Recipe(
             last_y, returned[-2], last_invstd, layers[-1], kernels[2], out._version
         )

@@ -25,6 +25,8 @@ from .norm_act import (
     update_norm_stats,
 )
 
+aten = torch.ops.aten
+
 
 class Layer(NamedTuple):
     """One Conv -> Norm -> Act layer, as its modules hold it."""
@@ -246,19 +248,15 @@ class MaxPoolOp(NamedTuple):
     ceil_mode: bool
 
     def forward(self, x):
-        pool = (
-            torch.ops.aten.max_pool3d_with_indices
-            if x.dim() == 5
-            else (torch.ops.aten.max_pool2d_with_indices)
-        )
+        pool = aten.max_pool3d_with_indices if x.dim() == 5 else aten.max_pool2d_with_indices
         out, indices = pool(x, *self)
         return out, (indices,)
 
     def backward(self, grad, x, params, extra, needs):
         backward = (
-            torch.ops.aten.max_pool3d_with_indices_backward
+            aten.max_pool3d_with_indices_backward
             if x.dim() == 5
-            else (torch.ops.aten.max_pool2d_with_indices_backward)
+            else aten.max_pool2d_with_indices_backward
         )
         return backward(grad, x, *self, extra[0]), ()
 

@@ -79,19 +79,34 @@ def _rebuild(recipe_layer, y, mean, invstd, norm_act_apply):
     )
 
 
-def _conv(x, layer):
-    dims = x.dim() - 2
-    return torch.ops.aten.convolution(
-        x,
-        layer.weight,
-        layer.bias,
-        layer.stride,
-        layer.padding,
-        layer.dilation,
-        False,
-        [0] * dims,
-        layer.conv_groups,
-    )
+class ConvOp(NamedTuple):
+    """A convolution (or transposed one) whose backward reads its input."""
+
+    stride: Sequence[int]
+    padding: Sequence[int]
+    dilation: Sequence[int]
+    transposed: bool
+    output_padding: Sequence[int]
+    groups: int
+
+    def forward(self, x, weight, bias):
+        return aten.convolution(x, weight, bias, *self), ()
+
+    def backward(self, grad, x, params, extra, needs):
+        weight, bias = params
+        grad_x, grad_w, grad_b = aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None if bias is None else [bias.shape[0]],
+            *self,
+            [needs[0], needs[1], bias is not None and needs[2]],
+        )
+        return grad_x, (grad_w, grad_b)
+
+
+def _conv_op(layer: Layer, dims: int) -> ConvOp:
+    return ConvOp(layer.stride, layer.padding, layer.dilation, False, [0] * dims, layer.conv_groups)
 
 
 class _Chain(torch.autograd.Function):
@@ -100,7 +115,7 @@ class _Chain(torch.autograd.Function):
         norm_act, _, _ = kernels
         h, ys, stats, returned = x, [], [], []
         for layer in layers:
-            y = _conv(h, layer)
+            y, _ = _conv_op(layer, h.dim() - 2).forward(h, layer.weight, layer.bias)
             check_norm_act(
                 y,
                 layer.norm,
@@ -177,20 +192,9 @@ class _Chain(torch.autograd.Function):
                 )
             else:
                 h = x
-            dims = y.dim() - 2
-            has_bias = layer.bias is not None
-            grad, grad_w, grad_cb = torch.ops.aten.convolution_backward(
-                grad_y,
-                h,
-                layer.weight,
-                [layer.weight.shape[0]] if has_bias else None,
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                False,
-                [0] * dims,
-                layer.conv_groups,
-                [i > 0 or ctx.needs_input_grad[0], True, has_bias],
+            needs = (i > 0 or ctx.needs_input_grad[0], True, True)
+            grad, (grad_w, grad_cb) = _conv_op(layer, y.dim() - 2).backward(
+                grad_y, h, (layer.weight, layer.bias), (), needs
             )
             param_grads[5 * i : 5 * i + 5] = [
                 grad_w,
@@ -209,33 +213,6 @@ def recipe_of(x: torch.Tensor) -> Optional[Recipe]:
         return None
     recipe = getattr(x, "_unet_fast_recipe", None)
     return recipe if recipe is not None and recipe.version == x._version else None
-
-
-class ConvOp(NamedTuple):
-    """A convolution (or transposed one) whose backward reads its input."""
-
-    stride: Sequence[int]
-    padding: Sequence[int]
-    dilation: Sequence[int]
-    transposed: bool
-    output_padding: Sequence[int]
-    groups: int
-
-    def forward(self, x, weight, bias):
-        out = torch.ops.aten.convolution(x, weight, bias, *self)
-        return out, ()
-
-    def backward(self, grad, x, params, extra, needs):
-        weight, bias = params
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad,
-            x,
-            weight,
-            None if bias is None else [bias.shape[0]],
-            *self,
-            [needs[0], needs[1], bias is not None and needs[2]],
-        )
-        return grad_x, (grad_w, grad_b)
 
 
 class MaxPoolOp(NamedTuple):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .images import SUFFIXES, page_sizes, read_image, read_mask
+from .images import is_image, page_sizes, read_image, read_mask
 from .synthetic import cell_sample
 
 ISBI_TRAIN, ISBI_VAL = range(0, 20), range(20, 24)  # contiguous: neighbouring slices correlate
@@ -131,21 +131,53 @@ class Sample(NamedTuple):
     page: int
 
 
-def _files(folder: Path, what: str) -> dict[str, Path]:
+def _files(folder: Path, what: str, kind: "FileKind") -> dict[str, Path]:
+    """The folder's files of `kind` (a FileKind) by name, hidden files left out."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {folder} does not exist")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in SUFFIXES and not path.name.startswith("."):
-            if path.stem in found:
+        if kind.wanted(path) and not path.name.startswith("."):
+            name = kind.name(path)
+            if name in found:
                 raise ValueError(
-                    f"{folder}: two files named {path.stem}: "
-                    f"{found[path.stem].name} and {path.name}"
+                    f"{folder}: two files named {name}: {found[name].name} and {path.name}"
                 )
-            found[path.stem] = path
+            found[name] = path
     if not found:
-        raise ValueError(f"{what} folder {folder} holds no PNG or TIFF files")
+        raise ValueError(f"{what} folder {folder} holds no {kind.description}")
     return found
+
+
+class FileKind(NamedTuple):
+    """The files a data set pairs: which to take, the name they pair by, what they are called."""
+
+    wanted: Callable[[Path], bool]
+    name: Callable[[Path], str]
+    description: str  # "PNG or TIFF files"
+    nouns: tuple[str, str]  # ("images", "an image")
+
+
+IMAGES = FileKind(is_image, lambda path: path.stem, "PNG or TIFF files", ("images", "an image"))
+
+
+def pair_files(
+    image_dir: Path, mask_dir: Path, mask_suffix: str, kind: FileKind = IMAGES
+) -> list[tuple[str, Path, Path]]:
+    """(name, image, mask) of the images and masks paired by name (`mask_suffix` after the
+    mask's); ValueError listing the files of either folder without a partner."""
+    images, masks = _files(image_dir, "image", kind), _files(mask_dir, "mask", kind)
+    lonely_images = [images[s].name for s in images if s + mask_suffix not in masks]
+    names = {s + mask_suffix for s in images}
+    lonely_masks = [p.name for s, p in masks.items() if s not in names]
+    problems = []
+    if lonely_images:
+        problems.append(f"{kind.nouns[0]} without a mask in {mask_dir}: {_listing(lonely_images)}")
+    if lonely_masks:
+        problems.append(f"masks without {kind.nouns[1]} in {image_dir}: {_listing(lonely_masks)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return [(name, image, masks[name + mask_suffix]) for name, image in images.items()]
 
 
 def _check_size(sample: Sample, image_size, mask_size) -> None:
@@ -158,20 +190,8 @@ def _check_size(sample: Sample, image_size, mask_size) -> None:
 
 
 def _pair(image_dir: Path, mask_dir: Path, mask_suffix: str) -> list[Sample]:
-    images, masks = _files(image_dir, "image"), _files(mask_dir, "mask")
-    lonely_images = [images[s].name for s in images if s + mask_suffix not in masks]
-    stems = {s + mask_suffix for s in images}
-    lonely_masks = [p.name for s, p in masks.items() if s not in stems]
-    if lonely_images or lonely_masks:
-        problems = []
-        if lonely_images:
-            problems.append(f"images without a mask in {mask_dir}: {_listing(lonely_images)}")
-        if lonely_masks:
-            problems.append(f"masks without an image in {image_dir}: {_listing(lonely_masks)}")
-        raise ValueError("; ".join(problems))
     samples = []
-    for stem, image in images.items():
-        mask = masks[stem + mask_suffix]
+    for stem, image, mask in pair_files(image_dir, mask_dir, mask_suffix):
         sizes, mask_sizes = page_sizes(image), page_sizes(mask)
         if len(sizes) != len(mask_sizes):
             raise ValueError(

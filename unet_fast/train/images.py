@@ -8,6 +8,11 @@ import numpy as np
 SUFFIXES = (".png", ".tif", ".tiff")
 
 
+def is_image(path: Path) -> bool:
+    """A PNG or TIFF file by its suffix."""
+    return Path(path).suffix.lower() in SUFFIXES
+
+
 def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in (".tif", ".tiff")
 

@@ -14,7 +14,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_model
 from .images import (
-    SUFFIXES,
+    is_image,
     is_volume,
     page_sizes,
     read_image,
@@ -76,11 +76,7 @@ def _data_entry(state: dict, path, model) -> dict:
     return data
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in SUFFIXES
-
-
-def _collect(inputs, wanted=_is_image, what="PNG or TIFF images") -> list[Path]:
+def _collect(inputs, wanted=is_image, what="PNG or TIFF images") -> list[Path]:
     """Image files: each file as given, each folder's `wanted` files sorted by name."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -393,7 +389,7 @@ def main(args: argparse.Namespace) -> list[Path]:
         )
     except OSError as error:  # a missing input, or a disk failing mid-run
         raise ValueError(str(error)) from None
-    masks = sum(path.name.rsplit(".", 2)[0].endswith("_mask") for path in written)
-    what = "masks and overlays" if masks < len(written) else "masks"
-    print(f"wrote {masks} {what} to {args.out}")
+    overlays = sum(path.name.endswith("_overlay.png") for path in written)
+    what = "masks and overlays" if overlays else "masks"
+    print(f"wrote {len(written) - overlays} {what} to {args.out}")
     return written

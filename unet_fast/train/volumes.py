@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from .data import SegmentationFolder, _listing, _SegmentationData
+from .data import FileKind, SegmentationFolder, _SegmentationData, pair_files
 from .images import (
     is_volume,
     read_volume,
@@ -80,38 +80,15 @@ class VolumeSample(NamedTuple):
     mask: Path
 
 
-def _volumes(folder: Path, what: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what} folder {folder} does not exist")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if is_volume(path) and not path.name.startswith("."):
-            stem = volume_stem(path)
-            if stem in found:
-                raise ValueError(
-                    f"{folder}: two volumes named {stem}: {found[stem].name} and {path.name}"
-                )
-            found[stem] = path
-    if not found:
-        raise ValueError(f"{what} folder {folder} holds no NIfTI or TIFF volumes")
-    return found
+VOLUMES = FileKind(is_volume, volume_stem, "NIfTI or TIFF volumes", ("volumes", "a volume"))
 
 
 def pair_volumes(image_dir: Path, mask_dir: Path, mask_suffix: str = "") -> list[VolumeSample]:
     """Volumes and masks paired by name, their sizes checked from the headers."""
-    images, masks = _volumes(image_dir, "image"), _volumes(mask_dir, "mask")
-    lonely = [images[s].name for s in images if s + mask_suffix not in masks]
-    stems = {s + mask_suffix for s in images}
-    lonely_masks = [p.name for s, p in masks.items() if s not in stems]
-    if lonely or lonely_masks:
-        raise ValueError(
-            f"volumes without a mask in {mask_dir}: {_listing(lonely) or 'none'}; "
-            f"masks without a volume in {image_dir}: {_listing(lonely_masks) or 'none'}"
-        )
     samples = []
-    for stem, image in images.items():
-        sample = VolumeSample(stem, image, masks[stem + mask_suffix])
-        _check_shape(sample, volume_shape(sample.image), volume_shape(sample.mask))
+    for name, image, mask in pair_files(image_dir, mask_dir, mask_suffix, VOLUMES):
+        sample = VolumeSample(name, image, mask)
+        _check_shape(sample, volume_shape(image), volume_shape(mask))
         samples.append(sample)
     return samples
 

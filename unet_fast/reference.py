@@ -254,6 +254,7 @@ class Layers:
         self.spatial_dims, self.norm, self.act = spatial_dims, norm, act
         three = spatial_dims == 3
         self.conv = nn.Conv3d if three else nn.Conv2d
+        self.batch_norm = nn.BatchNorm3d if three else nn.BatchNorm2d
         self.conv_transpose = nn.ConvTranspose3d if three else nn.ConvTranspose2d
         self.max_pool = nn.MaxPool3d if three else nn.MaxPool2d
         self.upsample_mode = "trilinear" if three else "bilinear"
@@ -261,7 +262,7 @@ class Layers:
 
     def make_norm(self, channels: int) -> nn.Module:
         if self.norm_name == "batch":
-            return (nn.BatchNorm3d if self.spatial_dims == 3 else nn.BatchNorm2d)(channels)
+            return self.batch_norm(channels)
         if self.norm_name == "instance":
             kind = nn.InstanceNorm3d if self.spatial_dims == 3 else nn.InstanceNorm2d
             return kind(channels, affine=True)
@@ -399,7 +400,7 @@ class UNet(nn.Module):
             raise ValueError(f"features must give {DEPTH + 1} widths, got {features!r}")
         self.in_channels, self.num_classes, self.bilinear = in_channels, num_classes, bilinear
         self.padding, self.spatial_dims = padding, spatial_dims
-        layers = Layers(spatial_dims, norm, act)
+        self.layers = layers = Layers(spatial_dims, norm, act)
         self.norm = layers.norm_name
         f = list(features) if features else [base_features * 2**i for i in range(DEPTH + 1)]
         factor = 2 if bilinear else 1

@@ -6,7 +6,7 @@ from torch import nn
 
 import unet_fast
 from tests.helpers import assert_histories_close, training_history
-from unet_fast.nn import FusedDoubleConv, FusedSequential
+from unet_fast.nn import FusedConvNormAct, FusedDoubleConv, FusedSequential
 
 VARIANTS = [
     (unet_fast.AttentionUNet, {"bilinear": False}, FusedDoubleConv),
@@ -30,6 +30,43 @@ def test_fused_variant_matches_its_plain_pytorch_self(cls, kwargs, fused_type, d
     assert any(type(m) is fused_type for m in fused.modules())
     x = torch.randn(2, 3, 37, 45, dtype=dtype)
     assert_histories_close(training_history(fused, x), training_history(plain, x), dtype)
+
+
+# (constructor arguments, the input's spatial size, the norms that must be there)
+LAYERS = [
+    ({"spatial_dims": 3, "norm": "instance", "act": ("leaky_relu", 0.01)}, (32, 18, 19)),
+    ({"norm": ("group", 2), "act": "prelu"}, (35, 33)),
+]
+
+
+@pytest.mark.parametrize(
+    "cls", [unet_fast.AttentionUNet, unet_fast.ResUNet, unet_fast.UNetPlusPlus]
+)
+@pytest.mark.parametrize("layers, size", LAYERS)
+def test_variants_take_unets_dimensions_norms_and_activations(cls, layers, size):
+    fused = cls(2, 3, base_features=4, **layers).double()
+    plain = cls(2, 3, base_features=4, backend="reference", **layers).double()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    spatial = layers.get("spatial_dims", 2)
+    conv = nn.Conv3d if spatial == 3 else nn.Conv2d
+    norm = {"instance": nn.InstanceNorm3d, "group": nn.GroupNorm}[fused.norm]
+    act = nn.PReLU if layers["act"] == "prelu" else nn.LeakyReLU
+    # every block is built from the asked layers (the attention gate keeps its BatchNorm)
+    convs = [m for m in plain.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert convs and all(isinstance(m, conv) for m in convs)
+    norms = [
+        m for m in plain.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm))
+    ]
+    assert {type(m) for m in norms} - {nn.BatchNorm2d, nn.BatchNorm3d} == {norm}
+    assert any(type(m) is act for m in plain.modules())
+    assert any(isinstance(m, FusedConvNormAct) for m in fused.modules())
+    x = torch.randn(2, 2, *size, dtype=torch.float64)
+    history = training_history(fused, x, steps=2)
+    assert history[0][0].shape == (2, 3, *size)
+    assert_histories_close(history, training_history(plain, x, steps=2), torch.float64)
 
 
 def test_variants_keep_the_tutorials_names():

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 import unet_fast
 from unet_fast import cli
+from unet_fast.models.registry import MODELS
 from unet_fast.train import checkpoint, losses, metrics
 from unet_fast.train import fit as fit_module
 from unet_fast.train.augment import train_transforms, val_transforms
@@ -86,6 +87,15 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch,
     assert (tmp_path / "resumed" / "curves.png").stat().st_size > 0
     model, _ = checkpoint.load_model(tmp_path / "resumed" / "best.pt")
     assert model.init_kwargs["base_features"] == 4
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_is_rebuilt_from_its_checkpoint_spec(name):
+    model = MODELS[name](1, 2, base_features=4, spatial_dims=3, norm=("group", 2), act="prelu")
+    rebuilt = checkpoint.build_model(checkpoint.model_spec(model))
+    assert type(rebuilt) is type(model) and rebuilt.init_kwargs == model.init_kwargs
+    assert rebuilt.init_kwargs["norm"] == ("group", 2) and rebuilt.spatial_dims == 3
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
 
 
 KILLED_WHILE_SAVING = textwrap.dedent("""

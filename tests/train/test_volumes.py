@@ -257,8 +257,6 @@ def test_train_and_predict_volumes_from_the_command_line(tmp_path, capsys):
     assert mask.shape == (16, 20, 24) and np.array_equal(mask.affine, source.affine)
     assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 255}
     assert tifffile.imread(out / "stack_mask.tif").shape == (16, 20, 24)
-    code = cli.main([*arguments, "--model", "resunet", "--out", str(tmp_path / "r2"), "--quiet"])
-    assert code == 2 and "resunet is 2-D only" in capsys.readouterr().err
     code = cli.main([*arguments, "--learn-offset", "--out", str(tmp_path / "r3"), "--quiet"])
     assert code == 2 and "not with --spatial-dims 3" in capsys.readouterr().err
 
@@ -277,6 +275,12 @@ def test_train_on_generated_volumes(tmp_path, capsys):
             "32",
             "--epochs",
             "1",
+            "--model",
+            "resunet",
+            "--norm",
+            "instance",
+            "--act",
+            "leaky_relu:0.02",
             "--quiet",
             "--out",
             str(tmp_path / "run"),
@@ -284,7 +288,18 @@ def test_train_on_generated_volumes(tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     model = unet_fast.train.checkpoint.load_model(tmp_path / "run" / "best.pt")[0]
-    assert model.spatial_dims == 3
+    assert type(model) is unet_fast.ResUNet and model.spatial_dims == 3
+    assert {type(m) for m in model.modules()} >= {torch.nn.InstanceNorm3d, torch.nn.LeakyReLU}
+    assert {m.negative_slope for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)} == {
+        0.02
+    }
+    with pytest.raises(SystemExit) as exit_status:  # argparse rejects it
+        cli.main(["train", "--norm", "group:x", "--out", str(tmp_path / "bad")])
+    error = capsys.readouterr().err
+    assert (
+        exit_status.value.code == 2
+        and "expected batch, instance or group:G, got 'group:x'" in error
+    )
     code = cli.main(
         [
             "train",

@@ -16,9 +16,15 @@ class FusedModel:
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(self, *args, **kwargs)
+        signature = inspect.signature(cls.__init__)
+        bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        self.init_kwargs = dict(list(bound.arguments.items())[1:])
+        self.init_kwargs = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                self.init_kwargs.update(value)  # a variant's **kwargs, passed on to UNet
+            else:
+                self.init_kwargs[name] = value
         return self
 
     def finish(self, spatial_dims: int = 2):

@@ -115,6 +115,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=False,
         help="bilinear upsampling instead of transposed convolutions (UNet)",
     )
+    model.add_argument(
+        "--norm",
+        type=norm_choice,
+        default="batch",
+        metavar="NORM",
+        help="batch (the tutorial's), instance (nnU-Net's) or group:G",
+    )
+    model.add_argument(
+        "--act",
+        type=act_choice,
+        default="relu",
+        metavar="ACT",
+        help="relu (the tutorial's), leaky_relu[:SLOPE] (nnU-Net's, slope 0.01) or prelu",
+    )
     model.add_argument("--backend", default="auto")
     run = p.add_argument_group("training")
     defaults = TrainConfig()
@@ -331,12 +345,32 @@ def datasets(args):
     return train, val, info
 
 
+def norm_choice(text: str):
+    """--norm: batch | instance | group:G, as UNet's norm argument."""
+    if text in ("batch", "instance"):
+        return text
+    name, _, groups = text.partition(":")
+    if name == "group" and groups.isdigit() and int(groups) > 0:
+        return ("group", int(groups))
+    raise argparse.ArgumentTypeError(f"expected batch, instance or group:G, got {text!r}")
+
+
+def act_choice(text: str):
+    """--act: relu | prelu | leaky_relu[:SLOPE], as UNet's act argument."""
+    if text in ("relu", "prelu"):
+        return text
+    name, _, slope = text.partition(":")
+    if name == "leaky_relu":
+        try:
+            return ("leaky_relu", float(slope or 0.01))
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected relu, leaky_relu[:SLOPE] or prelu, got {text!r}")
+
+
 def build_model(args, in_channels: int, out_channels: int):
     kwargs = {"base_features": args.base_features, "backend": args.backend}
-    if args.spatial_dims == 3:
-        if args.model != "unet":
-            raise ValueError(f"--spatial-dims 3 trains the unet; {args.model} is 2-D only")
-        kwargs["spatial_dims"] = 3
+    kwargs.update(spatial_dims=args.spatial_dims, norm=args.norm, act=args.act)
     if args.model in ("unet", "attention_unet", "resunet"):
         kwargs["bilinear"] = args.bilinear
     return MODELS[args.model](in_channels, out_channels, **kwargs)

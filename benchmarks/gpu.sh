@@ -30,7 +30,7 @@ python3 -c "import unet_fast; print(unet_fast.backends())"
 
 if wanted tests; then
   stage "CUDA and Triton tests"
-  timeout -s INT ${TESTS_S:-150} python3 -m pytest tests/test_cuda.py tests/test_triton.py -n 4 -v --tb=line \
+  timeout -s INT ${TESTS_S:-150} python3 -m pytest tests/ops tests/models/test_unet_backends.py -k "cuda or triton" -n 4 -v --tb=line \
     -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | grep -E "FAILED|ERROR|passed|failed|^/|Error" | head -60
 fi
 if wanted bench; then
@@ -52,7 +52,7 @@ fi
 if wanted sanitizer; then
   stage compute-sanitizer
   timeout ${SANITIZER_S:-90} compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest \
-    tests/test_cuda.py -q -k "every_width or vector_and_scalar or crop_concat_on_cuda" 2>&1 | tail -15
+    tests/ops -q -k "cuda and (vector or precision or nan or crop_concat)" 2>&1 | tail -15
 fi
 if wanted train; then
   stage "training and prediction on CUDA (generated cells)"

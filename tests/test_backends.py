@@ -42,6 +42,16 @@ def test_extension_uses_the_shared_libstdcxx():
     assert insert_long and all(fields[0] == "U" for fields in insert_long), insert_long
 
 
+@pytest.mark.skipif(not _backend.BUILT["cuda"], reason="built without CUDA kernels")
+def test_cuda_norm_act_kernels_are_registered_but_auto_keeps_the_reference_until_verified():
+    for kernel in ("norm_act", "norm_act_backward", "norm_act_apply"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CUDA")
+    info = unet_fast.backends()
+    assert "norm_act" in info["kernels"]["cuda"] and info["unverified"]["cuda"] == ["norm_act"]
+    assert _backend.default_backend("norm_act", "cuda") == "reference"
+    assert _backend.default_backend("crop_concat", "cuda") == "cuda"
+
+
 def test_gpu_entry_matches_the_machine():
     info = unet_fast.backends()
     assert (info["gpu"] is not None) == torch.cuda.is_available()

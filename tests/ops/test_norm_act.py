@@ -23,6 +23,17 @@ ACTS = [
 ]
 
 
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="cuda: this machine has no CUDA GPU"
+)
+# The device kernels checked against the reference (which runs on the CPU)
+KERNELS = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def on_cpu(tensors):
+    return [t.cpu() for t in tensors]
+
+
 def channels_last(x):
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return x.contiguous(memory_format=fmt)
@@ -89,9 +100,12 @@ def run(backend, y, norm, groups, act, slope, affine=True, track=True, training=
 @pytest.mark.parametrize("shape", [(2, 4, 5, 6), (2, 4, 3, 4, 5)], ids=["2d", "3d"])
 @pytest.mark.parametrize("y_layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
-def test_training_matches_reference_float64(norm, groups, act, slope, shape, y_layout, affine):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_training_matches_reference_float64(
+    kernel, norm, groups, act, slope, shape, y_layout, affine
+):
     y = in_layout(torch.randn(shape, dtype=torch.float64) * 3 + 1, y_layout)
-    got = run("cpu", y, norm, groups, act, slope, affine)
+    got = on_cpu(run(kernel, y.to(kernel), norm, groups, act, slope, affine))
     want = run("reference", y, norm, groups, act, slope, affine)
     assert_close(got, want, torch.float64)
     if y_layout == "channels_last":  # the output keeps the input's layout
@@ -102,33 +116,36 @@ def test_training_matches_reference_float64(norm, groups, act, slope, shape, y_l
 @pytest.mark.parametrize("act,slope", ACTS[:2])
 @pytest.mark.parametrize("channels", [16, 20, 32])  # vector blocks, a tail, two blocks
 @pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
-def test_float32_vector_paths_match(norm, groups, act, slope, channels, y_layout):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_vector_paths_match(kernel, norm, groups, act, slope, channels, y_layout):
     shape = (2, channels, 6, 7, 9)
     y = in_layout(torch.randn(shape) * 2 - 1, y_layout)
-    got = run("cpu", y, norm, groups, act, slope)
+    got = on_cpu(run(kernel, y.to(kernel), norm, groups, act, slope))
     want = run("reference", y.double(), norm, groups, act, slope)
     assert_close(got, [w.float() for w in want], torch.float32)
 
 
 @pytest.mark.parametrize("norm,groups", NORMS[:3])
-def test_bfloat16_within_twice_the_references_error(norm, groups):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bfloat16_within_twice_the_references_error(kernel, norm, groups):
     y = channels_last(torch.randn(2, 16, 8, 8, 8).to(torch.bfloat16))
-    got = run("cpu", y, norm, groups, "leaky_relu", 0.01)
+    got = on_cpu(run(kernel, y.to(kernel), norm, groups, "leaky_relu", 0.01))
     theirs = run("reference", y, norm, groups, "leaky_relu", 0.01)
     exact = run("reference", y.double(), norm, groups, "leaky_relu", 0.01)
     assert_bf16_within_rule(got, theirs, exact)
 
 
-def test_eval_uses_running_statistics_and_instance_norm_tracks_them():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_eval_uses_running_statistics_and_instance_norm_tracks_them(kernel):
     y = torch.randn(3, 4, 5, 6, dtype=torch.float64)
     for norm in ("batch", "instance"):
         assert_close(
-            run("cpu", y, norm, None, "relu", 0.0, training=False),
+            on_cpu(run(kernel, y.to(kernel), norm, None, "relu", 0.0, training=False)),
             run("reference", y, norm, None, "relu", 0.0, training=False),
             torch.float64,
         )
     # a tracking InstanceNorm in training updates its running statistics from the batch average
-    got = run("cpu", y, "instance", None, "relu", 0.0)
+    got = on_cpu(run(kernel, y.to(kernel), "instance", None, "relu", 0.0))
     want = run("reference", y, "instance", None, "relu", 0.0)
     assert_close(got[-2:], want[-2:], torch.float64)
 
@@ -136,13 +153,14 @@ def test_eval_uses_running_statistics_and_instance_norm_tracks_them():
 @pytest.mark.parametrize("norm,groups", NORMS[:3])
 @pytest.mark.parametrize("act,slope", ACTS)
 @pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
-def test_nan_and_inf_propagate_as_in_the_reference(norm, groups, act, slope, y_layout):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_nan_and_inf_propagate_as_in_the_reference(kernel, norm, groups, act, slope, y_layout):
     y = torch.randn(2, 4, 3, 4, 5, dtype=torch.float64)
     y[0, 1, 0, 0, 0] = float("nan")
     y[1, 2, 1, 1, 1] = float("inf")
     y[1, 3, 2, 0, 1] = -float("inf")
     y = in_layout(y, y_layout)
-    got = run("cpu", y, norm, groups, act, slope)
+    got = on_cpu(run(kernel, y.to(kernel), norm, groups, act, slope))
     want = run("reference", y, norm, groups, act, slope)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g.isnan(), w.isnan())
@@ -160,10 +178,12 @@ def test_saves_y_and_statistics_only():
     assert sum(t.numel() for t in saved if t.numel() != y.numel()) <= 2 * 8 + 2 * 16
 
 
-def test_opcheck():
-    y = torch.randn(2, 4, 3, 4, 5, requires_grad=True)
-    weight, bias = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
-    prelu = torch.rand(4, requires_grad=True)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_opcheck(kernel):
+    y = torch.randn(2, 4, 3, 4, 5, device=kernel, requires_grad=True)
+    weight = torch.rand(4, device=kernel, requires_grad=True)
+    bias = torch.randn(4, device=kernel, requires_grad=True)
+    prelu = torch.rand(4, device=kernel, requires_grad=True)
     cases = ((0, "relu", None), (4, "leaky_relu", None), (2, "identity", None), (0, "prelu", prelu))
     for groups, act, act_weight in cases:
         for t in (y, channels_last(y.detach()).requires_grad_()):
@@ -250,14 +270,15 @@ def test_triton_refuses_float64():
         ops.norm_act(torch.randn(2, 4, 5, 5, dtype=torch.float64), "instance", backend="triton")
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", [*KERNELS, pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
 def test_float32_keeps_precision_where_the_variance_is_tiny(backend, y_layout):
     """InstanceNorm over 2x2 planes of values 1 + 1e-3 noise (a deep level of a 2-D nnU-Net):
     float32 outputs and gradients within twice the reference's float32 error of the float64
     truth (statistics summed around a shift, not as E[y^2] - E[y]^2)."""
     y = in_layout(1 + 1e-3 * torch.randn(2, 16, 2, 2, dtype=torch.float64), y_layout)
-    got = run(backend, y.float(), "instance", None, "leaky_relu", 0.01)
+    device = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    got = on_cpu(run(backend, y.float().to(device), "instance", None, "leaky_relu", 0.01))
     theirs = run("reference", y.float(), "instance", None, "leaky_relu", 0.01)
     exact = run("reference", y, "instance", None, "leaky_relu", 0.01)
     assert_bf16_within_rule(got, theirs, exact)

@@ -6,7 +6,8 @@ kernel computes the statistics, normalises and activates: two passes forward, tw
 Saved for backward: y and the per-unit mean and 1/std; the normalised activation and the
 activation's mask are recomputed from y, so the normalised tensor is never stored. With running
 statistics (BatchNorm or a tracking InstanceNorm in eval) the reference's arithmetic runs.
-Kernels: C++ (cpu) and Triton; CUDA has none yet, so "auto" picks the reference there.
+Kernels: C++ (cpu), CUDA and Triton. The CUDA kernels have not yet run on a GPU, so "auto"
+picks the reference there (`backends()["unverified"]`); backend="cuda" runs them.
 """
 
 from typing import Optional

@@ -88,21 +88,61 @@ std::vector<A> per_plane(const Layout& l, const std::function<A(int64_t n, int64
   return out;
 }
 
+// Per-channel gamma, beta and negative slope in double, viewed from a first channel.
+struct Channels {
+  const double *gamma, *beta, *slopes;
+  Channels from(int64_t c) const { return {gamma + c, beta + c, slopes + c}; }
+};
+
 // Per-plane mean, scale = gamma * invstd, beta and the activation's negative slope: the
 // pre-activation is (y - mean) * scale + beta, centred so that a tiny variance (a huge scale)
 // cancels nothing.
 template <typename A>
 struct Coefficients {
   std::vector<A> mean, scale, beta, slope;
-  Coefficients(const Layout& l, const A* m, const A* is, const std::vector<double>& gamma,
-               const std::vector<double>& b, const std::vector<double>& slopes)
+  Coefficients(const Layout& l, const A* m, const A* is, const Channels& ch)
       : mean(per_plane<A>(l, [&](int64_t n, int64_t c) { return m[l.unit_of(n, c)]; })),
-        scale(per_plane<A>(
-            l,
-            [&](int64_t n, int64_t c) { return static_cast<A>(gamma[c] * is[l.unit_of(n, c)]); })),
-        beta(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(b[c]); })),
-        slope(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(slopes[c]); })) {}
+        scale(per_plane<A>(l,
+                           [&](int64_t n, int64_t c) {
+                             return static_cast<A>(ch.gamma[c] * is[l.unit_of(n, c)]);
+                           })),
+        beta(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(ch.beta[c]); })),
+        slope(per_plane<A>(l, [&](int64_t, int64_t c) { return static_cast<A>(ch.slopes[c]); })) {}
 };
+
+// A unit's block of a channels-first GroupNorm / InstanceNorm activation: its (C / groups)
+// planes are contiguous, so a unit can be normalised on its own while its values stay in cache
+// (statistics, then the map: one read from memory instead of two).
+struct UnitBlock {
+  Layout layout;          // one sample, the unit's channels, one group
+  int64_t offset, plane;  // into the data and the per-plane arrays
+  int64_t channel;        // the unit's first channel
+};
+
+UnitBlock unit_block(const Layout& l, int64_t u) {
+  const int64_t size = l.C / l.groups, n = u / l.groups, c = (u % l.groups) * size;
+  return {{1, size, l.S, false, 1}, (n * l.C + c) * l.S, n * l.C + c, c};
+}
+
+// Whether to work unit by unit: channels-first GroupNorm / InstanceNorm with units large
+// enough that a call per unit costs nothing and enough of them to keep every thread busy.
+bool by_units(const Layout& l) {
+  return !l.channels_last && l.groups > 0 && l.count() >= 16384 &&
+         l.units() >= 2 * at::get_num_threads();
+}
+
+// Runs block(layout, data offset, plane offset, channel offset, unit offset) once over the whole
+// activation, or per unit in parallel (nested parallel loops then run inline).
+template <typename Fn>
+void for_blocks(const Layout& l, Fn block) {
+  if (!by_units(l)) return block(l, 0, 0, 0, 0);
+  at::parallel_for(0, l.units(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const UnitBlock b = unit_block(l, u);
+      block(b.layout, b.offset, b.plane, b.channel, u);
+    }
+  });
+}
 
 // Per-plane sums of op(y, dy, coefficients), reduced to units.
 template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
@@ -194,25 +234,123 @@ std::vector<double> channel_slopes(const char* op, Act act, double slope, const 
 }
 
 // out = act((y - mean) * gamma * invstd + beta) per plane, with per-unit statistics.
-void apply(at::Tensor& out, const at::Tensor& y, const Layout& l, const at::Tensor& mean,
-           const at::Tensor& invstd, const std::vector<double>& gamma,
-           const std::vector<double>& beta, Act act, const std::vector<double>& slopes) {
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_apply", [&] {
-    using V = Vec<scalar_t>;
-    using A = acc<scalar_t>;
-    const Coefficients<A> k(l, mean.const_data_ptr<A>(), invstd.const_data_ptr<A>(), gamma, beta,
-                            slopes);
-    plane_map<scalar_t, 4>(
-        l, out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), nullptr,
-        {k.mean.data(), k.scale.data(), k.beta.data(), k.slope.data()},
-        [act](V v, V, const std::array<V, 4>& k) {
-          return activate_vec(act, (v - k[0]) * k[1] + k[2], k[3]);
-        },
-        [act](A v, A, const std::array<A, 4>& k) {
-          return activate(act, (v - k[0]) * k[1] + k[2], k[3]);
-        });
-  });
+template <typename scalar_t>
+void apply(const Layout& l, scalar_t* out, const scalar_t* y, const acc<scalar_t>* mean,
+           const acc<scalar_t>* invstd, const Channels& ch, Act act) {
+  using V = Vec<scalar_t>;
+  using A = acc<scalar_t>;
+  const Coefficients<A> k(l, mean, invstd, ch);
+  plane_map<scalar_t, 4>(
+      l, out, y, nullptr, {k.mean.data(), k.scale.data(), k.beta.data(), k.slope.data()},
+      [act](V v, V, const std::array<V, 4>& k) {
+        return activate_vec(act, (v - k[0]) * k[1] + k[2], k[3]);
+      },
+      [act](A v, A, const std::array<A, 4>& k) {
+        return activate(act, (v - k[0]) * k[1] + k[2], k[3]);
+      });
 }
+
+// Statistics (into the layout's units of mean, invstd, unbiased_var), then the output.
+template <typename scalar_t>
+void forward(const Layout& l, scalar_t* out, const scalar_t* y, double eps, const Channels& ch,
+             Act act, acc<scalar_t>* mean, acc<scalar_t>* invstd, acc<scalar_t>* unbiased_var) {
+  using A = acc<scalar_t>;
+  // each unit's first value shifts its sums (cpu::ShiftedMoments)
+  std::vector<A> unit_first(l.units());
+  for (int64_t n = l.N - 1; n >= 0; --n)
+    for (int64_t c = l.C - 1; c >= 0; --c)
+      unit_first[l.unit_of(n, c)] = y[l.channels_last ? n * l.S * l.C + c : (n * l.C + c) * l.S];
+  const auto first =
+      per_plane<A>(l, [&](int64_t n, int64_t c) { return unit_first[l.unit_of(n, c)]; });
+  const cpu::ShiftedMoments<scalar_t> moments;
+  auto [sum, sum_sq] = unit_sums<scalar_t, 1>(l, y, nullptr, {first.data()}, moments, moments);
+  cpu::finish_moments<A>(sum, sum_sq, unit_first.data(), l.units(), l.count(), eps, mean, invstd,
+                         unbiased_var);
+  apply(l, out, y, mean, invstd, ch, act);
+}
+
+// The per-plane sums of the backward (masked grad, masked grad * (y - mean), and PReLU's
+// pre-activation * grad where it is not > 0) into plane_sums[0..2] + the layout's planes, then
+// grad_y = k*gz + a*(y - mean) + b per plane (see norm_act_backward_cpu).
+template <typename scalar_t>
+void backward(const Layout& l, scalar_t* grad_y, const scalar_t* y, const scalar_t* dy,
+              const acc<scalar_t>* m, const acc<scalar_t>* is, const Channels& ch, Act act,
+              const std::array<double*, 3>& plane_sums) {
+  using V = Vec<scalar_t>;
+  using A = acc<scalar_t>;
+  const Coefficients<A> k(l, m, is, ch);
+  const std::array<const A*, 4> coefficients{k.mean.data(), k.scale.data(), k.beta.data(),
+                                             k.slope.data()};
+  Layout planes = l;
+  planes.groups = l.C;  // one unit per (sample, channel)
+  auto [sum_dy, sum_dy_xmu] = unit_sums<scalar_t, 4>(
+      planes, y, dy, coefficients,
+      [act](V v, V d, const std::array<V, 4>& k) {
+        const V masked = mask_vec(act, (v - k[0]) * k[1] + k[2], d, k[3]);
+        return std::pair{masked, masked * (v - k[0])};
+      },
+      [act](A v, A d, const std::array<A, 4>& k) {
+        const A masked = mask(act, (v - k[0]) * k[1] + k[2], d, k[3]);
+        return std::pair{masked, masked * (v - k[0])};
+      });
+  if (act == Act::kPrelu) {  // d(out)/d(slope) = the pre-activation where it is not > 0
+    auto [sum_negative, unused] = unit_sums<scalar_t, 4>(
+        planes, y, dy, coefficients,
+        [](V v, V d, const std::array<V, 4>& k) {
+          const V pre = (v - k[0]) * k[1] + k[2];
+          return std::pair{V::blendv(pre * d, V(0), pre > V(0)), V(0)};
+        },
+        [](A v, A d, const std::array<A, 4>& k) {
+          const A pre = (v - k[0]) * k[1] + k[2];
+          return std::pair{pre > 0 ? A(0) : pre * d, A(0)};
+        });
+    std::copy(sum_negative.begin(), sum_negative.end(), plane_sums[2]);
+  }
+  std::copy(sum_dy.begin(), sum_dy.end(), plane_sums[0]);
+  std::copy(sum_dy_xmu.begin(), sum_dy_xmu.end(), plane_sums[1]);
+  std::vector<double> unit_dy(l.units(), 0.0), unit_dy_xmu(l.units(), 0.0);
+  for (int64_t n = 0; n < l.N; ++n) {
+    for (int64_t c = 0; c < l.C; ++c) {
+      const int64_t p = n * l.C + c, u = l.unit_of(n, c);
+      unit_dy[u] += ch.gamma[c] * sum_dy[p];
+      unit_dy_xmu[u] += ch.gamma[c] * sum_dy_xmu[p];
+    }
+  }
+  const double count = static_cast<double>(l.count());
+  std::vector<A> gain(l.N * l.C), slope_y(l.N * l.C), offset(l.N * l.C);
+  for (int64_t n = 0; n < l.N; ++n) {
+    for (int64_t c = 0; c < l.C; ++c) {
+      const int64_t p = n * l.C + c, u = l.unit_of(n, c);
+      const double inv = is[u];
+      gain[p] = static_cast<A>(ch.gamma[c] * inv);
+      slope_y[p] = static_cast<A>(-inv * inv * inv * unit_dy_xmu[u] / count);
+      offset[p] = static_cast<A>(-inv * unit_dy[u] / count);
+    }
+  }
+  plane_map<scalar_t, 7>(
+      l, grad_y, y, dy,
+      {k.mean.data(), k.scale.data(), k.beta.data(), gain.data(), slope_y.data(), offset.data(),
+       k.slope.data()},
+      [act](V v, V d, const std::array<V, 7>& k) {
+        const V centred = v - k[0];
+        return mask_vec(act, centred * k[1] + k[2], d, k[6]) * k[3] + centred * k[4] + k[5];
+      },
+      [act](A v, A d, const std::array<A, 7>& k) {
+        const A centred = v - k[0];
+        return mask(act, centred * k[1] + k[2], d, k[6]) * k[3] + centred * k[4] + k[5];
+      });
+}
+
+// gamma, beta and slopes in double, and their view.
+struct ChannelParams {
+  std::vector<double> gamma, beta, slopes;
+  ChannelParams(const char* op, int64_t C, const Optional& weight, const Optional& bias, Act act,
+                double slope, const Optional& act_weight)
+      : gamma(per_channel(weight, C, 1.0)),
+        beta(per_channel(bias, C, 0.0)),
+        slopes(channel_slopes(op, act, slope, act_weight, C)) {}
+  Channels view() const { return {gamma.data(), beta.data(), slopes.data()}; }
+};
 
 at::Tensor norm_act_apply_cpu(const at::Tensor& y_in, int64_t groups, const Optional& weight,
                               const Optional& bias, const at::Tensor& mean_in,
@@ -228,9 +366,13 @@ at::Tensor norm_act_apply_cpu(const at::Tensor& y_in, int64_t groups, const Opti
   TORCH_CHECK(mean.numel() == l.units() && invstd.numel() == l.units(), "norm_act_apply: expected ",
               l.units(), " statistics, got ", mean.numel());
   at::Tensor out = at::empty_like(y, format);
-  if (y.numel() > 0)
-    apply(out, y, l, mean, invstd, per_channel(weight, l.C, 1.0), per_channel(bias, l.C, 0.0), act,
-          channel_slopes("norm_act_apply", act, slope, act_weight, l.C));
+  if (y.numel() == 0) return out;
+  const ChannelParams params("norm_act_apply", l.C, weight, bias, act, slope, act_weight);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_apply", [&] {
+    apply(l, out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+          mean.const_data_ptr<acc<scalar_t>>(), invstd.const_data_ptr<acc<scalar_t>>(),
+          params.view(), act);
+  });
   return out;
 }
 
@@ -243,9 +385,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
   const Layout l = layout_of("norm_act", y, groups);
   check_param("norm_act", "weight", weight, l.C);
   check_param("norm_act", "bias", bias, l.C);
-  const auto slopes = channel_slopes("norm_act", act, slope, act_weight, l.C);
-  const int64_t count = l.count();
-  TORCH_CHECK(groups != 0 || count != 1,
+  const ChannelParams params("norm_act", l.C, weight, bias, act, slope, act_weight);
+  TORCH_CHECK(groups != 0 || l.count() != 1,
               "Expected more than 1 value per channel when training, got input size ", y.sizes());
   const auto acc_type = at::toOpMathType(y.scalar_type());
   const auto unit_shape = groups ? std::vector<int64_t>{l.N, groups} : std::vector<int64_t>{l.C};
@@ -253,23 +394,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
   at::Tensor invstd = at::zeros_like(mean), unbiased_var = at::zeros_like(mean);
   at::Tensor out = at::empty_like(y, format);
   if (y.numel() == 0) return {out, mean, invstd, unbiased_var};
-  const auto gamma = per_channel(weight, l.C, 1.0), beta = per_channel(bias, l.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act", [&] {
     using A = acc<scalar_t>;
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    // each unit's first value shifts its sums (cpu::ShiftedMoments)
-    std::vector<A> unit_first(l.units());
-    for (int64_t n = l.N - 1; n >= 0; --n)
-      for (int64_t c = l.C - 1; c >= 0; --c)
-        unit_first[l.unit_of(n, c)] = yp[l.channels_last ? n * l.S * l.C + c : (n * l.C + c) * l.S];
-    const auto first =
-        per_plane<A>(l, [&](int64_t n, int64_t c) { return unit_first[l.unit_of(n, c)]; });
-    const cpu::ShiftedMoments<scalar_t> moments;
-    auto [sum, sum_sq] = unit_sums<scalar_t, 1>(l, yp, nullptr, {first.data()}, moments, moments);
-    cpu::finish_moments<A>(sum, sum_sq, unit_first.data(), l.units(), count, eps,
-                           mean.data_ptr<A>(), invstd.data_ptr<A>(), unbiased_var.data_ptr<A>());
+    for_blocks(l, [&](const Layout& b, int64_t offset, int64_t, int64_t channel, int64_t unit) {
+      forward(b, out.data_ptr<scalar_t>() + offset, y.const_data_ptr<scalar_t>() + offset, eps,
+              params.view().from(channel), act, mean.data_ptr<A>() + unit,
+              invstd.data_ptr<A>() + unit, unbiased_var.data_ptr<A>() + unit);
+    });
   });
-  apply(out, y, l, mean, invstd, gamma, beta, act, slopes);
   return {out, mean, invstd, unbiased_var};
 }
 
@@ -293,87 +425,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu
                    invstd = invstd_in.to(acc_type).contiguous();
   TORCH_CHECK(mean.numel() == l.units() && invstd.numel() == l.units(),
               "norm_act_backward: expected ", l.units(), " statistics, got ", mean.numel());
-  const auto gamma = per_channel(weight, l.C, 1.0), beta = per_channel(bias, l.C, 0.0);
-  const auto slopes = channel_slopes("norm_act_backward", act, slope, act_weight, l.C);
+  const ChannelParams params("norm_act_backward", l.C, weight, bias, act, slope, act_weight);
   at::Tensor grad_y = at::empty_like(y, format);
   at::Tensor grad_weight = at::zeros({l.C}, at::TensorOptions().dtype(at::kDouble));
   at::Tensor grad_bias = at::zeros_like(grad_weight);
   at::Tensor grad_slope = at::zeros_like(grad_weight);  // PReLU's, per channel
   if (y.numel() > 0) {
+    // per-plane sums (the affine gradients are per channel: summed over the samples below)
+    std::vector<double> sums(3 * l.N * l.C, 0.0);
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_backward", [&] {
-      using V = Vec<scalar_t>;
       using A = acc<scalar_t>;
-      const scalar_t* yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-      const A* m = mean.const_data_ptr<A>();
-      const A* is = invstd.const_data_ptr<A>();
-      auto unit = [&](int64_t n, int64_t c) { return l.unit_of(n, c); };
-      const Coefficients<A> k(l, m, is, gamma, beta, slopes);
-      const std::array<const A*, 4> coefficients{k.mean.data(), k.scale.data(), k.beta.data(),
-                                                 k.slope.data()};
-      // per-plane sums (not per unit: the affine gradients are per channel)
-      Layout planes = l;
-      planes.groups = l.C;  // one unit per (sample, channel)
-      auto [sum_dy, sum_dy_xmu] = unit_sums<scalar_t, 4>(
-          planes, yp, dyp, coefficients,
-          [act](V v, V d, const std::array<V, 4>& k) {
-            const V masked = mask_vec(act, (v - k[0]) * k[1] + k[2], d, k[3]);
-            return std::pair{masked, masked * (v - k[0])};
-          },
-          [act](A v, A d, const std::array<A, 4>& k) {
-            const A masked = mask(act, (v - k[0]) * k[1] + k[2], d, k[3]);
-            return std::pair{masked, masked * (v - k[0])};
+      for_blocks(
+          l, [&](const Layout& b, int64_t offset, int64_t plane, int64_t channel, int64_t unit) {
+            double* first = sums.data() + plane;
+            backward(b, grad_y.data_ptr<scalar_t>() + offset, y.const_data_ptr<scalar_t>() + offset,
+                     dy.const_data_ptr<scalar_t>() + offset, mean.const_data_ptr<A>() + unit,
+                     invstd.const_data_ptr<A>() + unit, params.view().from(channel), act,
+                     {first, first + l.N * l.C, first + 2 * l.N * l.C});
           });
-      if (act == Act::kPrelu) {  // d(out)/d(slope) = the pre-activation where it is not > 0
-        auto [sum_negative, unused] = unit_sums<scalar_t, 4>(
-            planes, yp, dyp, coefficients,
-            [](V v, V d, const std::array<V, 4>& k) {
-              const V pre = (v - k[0]) * k[1] + k[2];
-              return std::pair{V::blendv(pre * d, V(0), pre > V(0)), V(0)};
-            },
-            [](A v, A d, const std::array<A, 4>& k) {
-              const A pre = (v - k[0]) * k[1] + k[2];
-              return std::pair{pre > 0 ? A(0) : pre * d, A(0)};
-            });
-        double* gs = grad_slope.data_ptr<double>();
-        for (int64_t p = 0; p < l.N * l.C; ++p) gs[p % l.C] += sum_negative[p];
-      }
-      std::vector<double> unit_dy(l.units(), 0.0), unit_dy_xmu(l.units(), 0.0);
+      const A* is = invstd.const_data_ptr<A>();
       double* gw = grad_weight.data_ptr<double>();
       double* gb = grad_bias.data_ptr<double>();
-      for (int64_t n = 0; n < l.N; ++n) {
-        for (int64_t c = 0; c < l.C; ++c) {
-          const int64_t p = n * l.C + c, u = unit(n, c);
-          unit_dy[u] += gamma[c] * sum_dy[p];
-          unit_dy_xmu[u] += gamma[c] * sum_dy_xmu[p];
-          gw[c] += sum_dy_xmu[p] * is[u];
-          gb[c] += sum_dy[p];
-        }
+      double* gs = grad_slope.data_ptr<double>();
+      for (int64_t p = 0; p < l.N * l.C; ++p) {
+        const int64_t c = p % l.C;
+        gb[c] += sums[p];
+        gw[c] += sums[l.N * l.C + p] * is[l.unit_of(p / l.C, c)];
+        gs[c] += sums[2 * l.N * l.C + p];
       }
-      const double count = static_cast<double>(l.count());
-      std::vector<A> gain(l.N * l.C), slope_y(l.N * l.C), offset(l.N * l.C);
-      for (int64_t n = 0; n < l.N; ++n) {
-        for (int64_t c = 0; c < l.C; ++c) {
-          const int64_t p = n * l.C + c, u = unit(n, c);
-          const double inv = is[u];
-          const double a = -inv * inv * inv * unit_dy_xmu[u] / count;
-          gain[p] = static_cast<A>(gamma[c] * inv);
-          slope_y[p] = static_cast<A>(a);
-          offset[p] = static_cast<A>(-inv * unit_dy[u] / count);
-        }
-      }
-      plane_map<scalar_t, 7>(
-          l, grad_y.data_ptr<scalar_t>(), yp, dyp,
-          {k.mean.data(), k.scale.data(), k.beta.data(), gain.data(), slope_y.data(), offset.data(),
-           k.slope.data()},
-          [act](V v, V d, const std::array<V, 7>& k) {
-            const V centred = v - k[0];
-            return mask_vec(act, centred * k[1] + k[2], d, k[6]) * k[3] + centred * k[4] + k[5];
-          },
-          [act](A v, A d, const std::array<A, 7>& k) {
-            const A centred = v - k[0];
-            return mask(act, centred * k[1] + k[2], d, k[6]) * k[3] + centred * k[4] + k[5];
-          });
     });
   }
   const auto param_type = defined(weight) ? weight->scalar_type() : acc_type;

@@ -112,6 +112,17 @@ def test_training_matches_reference_float64(
         assert got[0].stride() == channels_last(got[0]).stride()
 
 
+@pytest.mark.parametrize("norm,groups", [("instance", None), ("group", 2)])
+@pytest.mark.parametrize("act,slope", ACTS)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_large_channels_first_units_match(kernel, norm, groups, act, slope):
+    """Units of at least 16384 values (a 32^3 plane), channels-first: the CPU kernel normalises
+    them unit by unit, each while it is in cache."""
+    y = torch.randn(2, 4, 16, 32, 33, dtype=torch.float64) * 2 + 1
+    got = on_cpu(run(kernel, y.to(kernel), norm, groups, act, slope))
+    assert_close(got, run("reference", y, norm, groups, act, slope), torch.float64)
+
+
 @pytest.mark.parametrize("norm,groups", NORMS[:3])
 @pytest.mark.parametrize("act,slope", ACTS[:2])
 @pytest.mark.parametrize("channels", [16, 20, 32])  # vector blocks, a tail, two blocks

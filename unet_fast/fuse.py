@@ -1,5 +1,7 @@
 """fuse(model): run the Conv -> Norm -> Act Sequentials of any model through the fused ops."""
 
+import importlib
+
 from torch import nn
 
 from .nn.conv_bn_relu import FusedConvBNReLU, FusedDoubleConv, FusedSequential, runs
@@ -14,14 +16,36 @@ from .nn.recipe import read_recipes
 
 class FuseReport:
     """What fuse() did: `fused` maps each replaced submodule's name to its fused runs, `left`
-    each Sequential holding a convolution it left as it was to why."""
+    each Sequential holding a convolution it left as it was to why, `leaner` each module given
+    a class that keeps less for backward to what it drops."""
 
     def __init__(self):
-        self.fused, self.left = {}, {}
+        self.fused, self.left, self.leaner = {}, {}, {}
 
     def __str__(self):
         lines = [f"fused {name}: {what}" for name, what in self.fused.items()]
-        return "\n".join(lines + [f"left  {name}: {why}" for name, why in self.left.items()])
+        lines += [f"left  {name}: {why}" for name, why in self.left.items()]
+        return "\n".join(lines + [f"lean  {name}: {what}" for name, what in self.leaner.items()])
+
+
+# Other libraries' modules that compute the same with a class keeping less: (module, class name)
+# -> (where the leaner class lives, what it drops). Imported only when such a module is there.
+LEANER = {
+    ("monai.networks.nets.basic_unet", "UpCat"): (
+        "unet_fast.nn.upcat.LeanUpCat",
+        "UpCat pads only where sizes differ (the zero replicate padding kept a copy)",
+    ),
+}
+
+
+def _make_leaner(model: nn.Module, done: FuseReport) -> None:
+    for name, module in model.named_modules():
+        found = LEANER.get((type(module).__module__, type(module).__qualname__))
+        if found is not None:
+            where, what = found
+            module_name, class_name = where.rsplit(".", 1)
+            module.__class__ = getattr(importlib.import_module(module_name), class_name)
+            done.leaner[name] = what
 
 
 def _fused(seq: nn.Module, backend: str):
@@ -51,7 +75,8 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     UnetBasicBlock and UnetResBlock (residual blocks: both paths, the sum and its activation as
     written); 2-D and 3-D, BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / PReLU / none.
     Sequential subclasses count when they keep Sequential's forward; other modules with a
-    forward of their own are left as written.
+    forward of their own are left as written, but for those in LEANER (MONAI's UpCat), given a
+    subclass that computes the same and keeps less for backward.
 
     Returns the model, or (model, FuseReport) with report=True.
     """
@@ -77,4 +102,5 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
             done.fused[path] = what
     if any(isinstance(m, FusedConvNormAct) for m in model.modules()):
         read_recipes(model)  # its chains' outputs are kept by their recipes
+    _make_leaner(model, done)
     return (model, done) if report else model

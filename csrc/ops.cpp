@@ -83,6 +83,11 @@ TORCH_LIBRARY(unet_fast, m) {
       "norm_act(Tensor y, int groups, Tensor? weight, Tensor? bias, float eps, str act, "
       "float slope, Tensor? act_weight=None) -> (Tensor, Tensor, Tensor, Tensor)",
       kExactStrides);
+  // norm_act writing its output over y (inference: the conv output is not needed after), which
+  // must be dense in its memory format; returns the statistics.
+  m.def(
+      "norm_act_(Tensor(a!) y, int groups, Tensor? weight, Tensor? bias, float eps, str act, "
+      "float slope, Tensor? act_weight=None) -> (Tensor, Tensor, Tensor)");
   // act(norm(y)) with given per-unit statistics (mean, invstd as norm_act returns them): the
   // activation a chain of layers rebuilds in backward instead of keeping it.
   m.def(

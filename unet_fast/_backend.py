@@ -23,7 +23,7 @@ REQUIRES = {
         "double_conv",
     ),
     "conv_bias_relu": ("conv_bias_relu",),
-    "norm_act": ("norm_act", "norm_act_backward"),
+    "norm_act": ("norm_act", "norm_act_", "norm_act_apply", "norm_act_backward"),
 }
 
 try:

@@ -376,24 +376,24 @@ at::Tensor norm_act_apply_cpu(const at::Tensor& y_in, int64_t groups, const Opti
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
-    const at::Tensor& y_in, int64_t groups, const Optional& weight, const Optional& bias,
-    double eps, c10::string_view act_name, double slope, const Optional& act_weight) {
+// Statistics of y (dense in its memory format) and act(norm(y)) into out (y itself in place):
+// (mean, invstd, unbiased_var).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_into(
+    const char* op, const at::Tensor& y, at::Tensor& out, int64_t groups, const Optional& weight,
+    const Optional& bias, double eps, c10::string_view act_name, double slope,
+    const Optional& act_weight) {
   const Act act = parse_act(std::string(act_name));
-  const auto format = format_of(y_in);
-  const at::Tensor y = y_in.contiguous(format);
-  const Layout l = layout_of("norm_act", y, groups);
-  check_param("norm_act", "weight", weight, l.C);
-  check_param("norm_act", "bias", bias, l.C);
-  const ChannelParams params("norm_act", l.C, weight, bias, act, slope, act_weight);
+  const Layout l = layout_of(op, y, groups);
+  check_param(op, "weight", weight, l.C);
+  check_param(op, "bias", bias, l.C);
+  const ChannelParams params(op, l.C, weight, bias, act, slope, act_weight);
   TORCH_CHECK(groups != 0 || l.count() != 1,
               "Expected more than 1 value per channel when training, got input size ", y.sizes());
   const auto acc_type = at::toOpMathType(y.scalar_type());
   const auto unit_shape = groups ? std::vector<int64_t>{l.N, groups} : std::vector<int64_t>{l.C};
   at::Tensor mean = at::zeros(unit_shape, at::TensorOptions().dtype(acc_type));
   at::Tensor invstd = at::zeros_like(mean), unbiased_var = at::zeros_like(mean);
-  at::Tensor out = at::empty_like(y, format);
-  if (y.numel() == 0) return {out, mean, invstd, unbiased_var};
+  if (y.numel() == 0) return {mean, invstd, unbiased_var};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act", [&] {
     using A = acc<scalar_t>;
     for_blocks(l, [&](const Layout& b, int64_t offset, int64_t, int64_t channel, int64_t unit) {
@@ -402,7 +402,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
               invstd.data_ptr<A>() + unit, unbiased_var.data_ptr<A>() + unit);
     });
   });
+  return {mean, invstd, unbiased_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
+    const at::Tensor& y_in, int64_t groups, const Optional& weight, const Optional& bias,
+    double eps, c10::string_view act, double slope, const Optional& act_weight) {
+  const auto format = format_of(y_in);
+  const at::Tensor y = y_in.contiguous(format);
+  at::Tensor out = at::empty_like(y, format);
+  auto [mean, invstd, unbiased_var] =
+      norm_act_into("norm_act", y, out, groups, weight, bias, eps, act, slope, act_weight);
   return {out, mean, invstd, unbiased_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_inplace_cpu(
+    at::Tensor& y, int64_t groups, const Optional& weight, const Optional& bias, double eps,
+    c10::string_view act, double slope, const Optional& act_weight) {
+  TORCH_CHECK(y.is_contiguous(format_of(y)), "norm_act_: y must be dense in its memory format");
+  return norm_act_into("norm_act_", y, y, groups, weight, bias, eps, act, slope, act_weight);
 }
 
 // With gz = the activation's mask applied to grad_out, k = gamma * invstd and n values per unit:
@@ -470,6 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu
 
 TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
   m.impl("norm_act", &unet_fast::norm_act_cpu);
+  m.impl("norm_act_", &unet_fast::norm_act_inplace_cpu);
   m.impl("norm_act_backward", &unet_fast::norm_act_backward_cpu);
   m.impl("norm_act_apply", &unet_fast::norm_act_apply_cpu);
 }

@@ -442,22 +442,20 @@ void check_dtype(const char* op, const at::Tensor& y) {
               ": expected float32, float64, bfloat16 or float16, got ", y.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cuda(
-    const at::Tensor& y_in, int64_t groups, const Optional& weight, const Optional& bias,
-    double eps, c10::string_view act_name, double slope, const Optional& act_weight) {
-  check_dtype("norm_act", y_in);
-  const c10::cuda::CUDAGuard guard(y_in.device());
-  const Inputs in("norm_act", y_in, groups, weight, bias, act_name, slope, act_weight);
+// Statistics of y (dense in its memory format) and act(norm(y)) into out (y itself in place):
+// (mean, invstd, unbiased_var).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_into(const Inputs& in, at::Tensor& out,
+                                                             double eps) {
   const Layout& L = in.L;
-  TORCH_CHECK(groups != 0 || L.count() != 1,
+  TORCH_CHECK(L.groups != 0 || L.count() != 1,
               "Expected more than 1 value per channel when training, got input size ",
               in.y.sizes());
-  const auto unit_shape = groups ? std::vector<int64_t>{L.N, groups} : std::vector<int64_t>{L.C};
+  const auto unit_shape =
+      L.groups ? std::vector<int64_t>{L.N, L.groups} : std::vector<int64_t>{L.C};
   const auto acc_options = in.y.options().dtype(at::toOpMathType(in.y.scalar_type()));
   at::Tensor mean = at::zeros(unit_shape, acc_options);
   at::Tensor invstd = at::zeros_like(mean), unbiased_var = at::zeros_like(mean);
-  at::Tensor out = at::empty_like(in.y);
-  if (in.y.numel() == 0) return {out, mean, invstd, unbiased_var};
+  if (in.y.numel() == 0) return {mean, invstd, unbiased_var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.y.scalar_type(), "norm_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor totals =
@@ -469,7 +467,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     map<kApply, scalar_t, acc_t>(L, out, in.y, nullptr, in.params<acc_t>(mean, invstd));
   });
+  return {mean, invstd, unbiased_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cuda(
+    const at::Tensor& y_in, int64_t groups, const Optional& weight, const Optional& bias,
+    double eps, c10::string_view act_name, double slope, const Optional& act_weight) {
+  check_dtype("norm_act", y_in);
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const Inputs in("norm_act", y_in, groups, weight, bias, act_name, slope, act_weight);
+  at::Tensor out = at::empty_like(in.y);
+  auto [mean, invstd, unbiased_var] = norm_act_into(in, out, eps);
   return {out, mean, invstd, unbiased_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_act_inplace_cuda(
+    at::Tensor& y, int64_t groups, const Optional& weight, const Optional& bias, double eps,
+    c10::string_view act_name, double slope, const Optional& act_weight) {
+  check_dtype("norm_act_", y);
+  TORCH_CHECK(y.is_contiguous(y.suggest_memory_format()),
+              "norm_act_: y must be dense in its memory format");
+  const c10::cuda::CUDAGuard guard(y.device());
+  const Inputs in("norm_act_", y, groups, weight, bias, act_name, slope, act_weight);
+  return norm_act_into(in, y, eps);  // in.y is y: dense, so not copied
 }
 
 at::Tensor norm_act_apply_cuda(const at::Tensor& y_in, int64_t groups, const Optional& weight,
@@ -547,6 +567,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cud
 
 TORCH_LIBRARY_IMPL(unet_fast, CUDA, m) {
   m.impl("norm_act", &unet_fast::norm_act_cuda);
+  m.impl("norm_act_", &unet_fast::norm_act_inplace_cuda);
   m.impl("norm_act_backward", &unet_fast::norm_act_backward_cuda);
   m.impl("norm_act_apply", &unet_fast::norm_act_apply_cuda);
 }

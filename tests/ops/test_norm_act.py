@@ -2,9 +2,12 @@
 and 3-D) against the reference: outputs, every gradient (PReLU's weight's too), running
 statistics, NaN and Inf, layouts."""
 
+import copy
+
 import pytest
 import torch
 
+import unet_fast
 from tests.helpers import assert_bf16_within_rule, assert_close
 from unet_fast import _backend, ops, reference
 
@@ -23,6 +26,10 @@ ACTS = [
 ]
 
 
+needs_triton = pytest.mark.skipif(
+    not _backend.triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
+    reason="triton: not installed, or no GPU and TRITON_INTERPRET unset",
+)
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="cuda: this machine has no CUDA GPU"
 )
@@ -198,10 +205,57 @@ def test_opcheck(kernel):
     cases = ((0, "relu", None), (4, "leaky_relu", None), (2, "identity", None), (0, "prelu", prelu))
     for groups, act, act_weight in cases:
         for t in (y, channels_last(y.detach()).requires_grad_()):
-            torch.library.opcheck(
-                torch.ops.unet_fast.norm_act.default,
-                (t, groups, weight, bias, 1e-5, act, 0.01, act_weight),
-            )
+            args = (groups, weight, bias, 1e-5, act, 0.01, act_weight)
+            torch.library.opcheck(torch.ops.unet_fast.norm_act.default, (t, *args))
+            with torch.no_grad():
+                torch.library.opcheck(torch.ops.unet_fast.norm_act_.default, (t.clone(), *args))
+
+
+@pytest.mark.parametrize(
+    "backend", [*KERNELS, "reference", pytest.param("triton", marks=needs_triton)]
+)
+@pytest.mark.parametrize("y_layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("norm,groups", [("instance", None), ("batch", None), ("group", 2)])
+def test_inplace_writes_the_same_result_over_y(backend, y_layout, norm, groups):
+    device = "cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    y = in_layout(torch.randn(2, 4, 3, 4, 5), y_layout).to(device)
+    y[0, 1, 0, 0, 0] = float("nan")
+    weight, bias = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+
+    def running():  # GroupNorm has none
+        return (
+            [torch.zeros(4, device=device), torch.ones(4, device=device)] if groups is None else []
+        )
+
+    stats = running()
+    kwargs = {"act": "leaky_relu", "groups": groups, "backend": backend}
+    want = ops.norm_act(y, norm, weight, bias, *stats, **kwargs)
+    want_stats = [t.clone() for t in stats]
+    stats = running()
+    with torch.no_grad():
+        got = ops.norm_act(y, norm, weight, bias, *stats, inplace=True, **kwargs)
+    assert got is y
+    for g, w in zip([got, *stats], [want, *want_stats], strict=True):  # the same arithmetic
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="inplace=True overwrites y, which requires grad"):
+        ops.norm_act(y.requires_grad_(), norm, inplace=True, groups=groups, backend=backend)
+
+
+def test_inference_overwrites_only_conv_outputs_nobody_else_sees():
+    """In eval without autograd a fused layer writes its norm+act over its conv output, unless
+    a forward hook may have kept that output."""
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 3), torch.nn.InstanceNorm3d(4, affine=True), torch.nn.LeakyReLU()
+    )
+    fused = unet_fast.fuse(torch.nn.Sequential(copy.deepcopy(seq))).eval()
+    x = torch.randn(2, 2, 6, 6, 6)
+    kept = []
+    fused[0][0].register_forward_hook(lambda module, args, out: kept.append(out))
+    with torch.no_grad():
+        out = fused(x)
+        assert_close(out, seq(x), torch.float32)
+        assert_close(kept[0], seq[0](x), torch.float32)  # the hook's tensor is the conv's output
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -246,12 +300,6 @@ def test_sizes_without_statistics_are_refused_like_pytorch():
         ops.norm_act(torch.randn(2, 4, 1, 1), "instance")
     with pytest.raises(ValueError, match="4-D or 5-D"):
         ops.norm_act(torch.randn(2, 4, 5), "instance")
-
-
-needs_triton = pytest.mark.skipif(
-    not _backend.triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
-    reason="triton: not installed, or no GPU and TRITON_INTERPRET unset",
-)
 
 
 @needs_triton

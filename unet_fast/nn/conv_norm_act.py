@@ -191,7 +191,12 @@ def activation(act) -> tuple:
     return name, slope, act.weight if isinstance(act, nn.PReLU) else None
 
 
-def norm_act_forward(y, norm, act, backend):
+def hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's or global ones) may have kept its output."""
+    return bool(module._forward_hooks or nn.modules.module._global_forward_hooks)
+
+
+def norm_act_forward(y, norm, act, backend, inplace=False):
     """norm then act on the conv output y through ops.norm_act, as the modules compute it."""
     kind, groups, batch_stats, running_mean, running_var, momentum = norm_mode(norm)
     name, slope, act_weight = activation(act)
@@ -209,6 +214,7 @@ def norm_act_forward(y, norm, act, backend):
         slope,
         groups=groups,
         act_weight=act_weight,
+        inplace=inplace and batch_stats,  # (with running statistics the reference runs)
         backend=backend,
     )
 
@@ -319,7 +325,10 @@ class FusedConvNormAct(nn.Sequential):
             elif chain:  # its norm mode is decided (and a BatchNorm's batch counted) already
                 x = layer_forward(run.conv(x), chain[0][0], self.backend)
             else:
-                x = norm_act_forward(run.conv(x), run.norm, run.act, self.backend)
+                y = run.conv(x)
+                # without autograd, the conv output nobody else sees is overwritten in place
+                inplace = not (torch.is_grad_enabled() and y.requires_grad) and not hooked(run.conv)
+                x = norm_act_forward(y, run.norm, run.act, self.backend, inplace)
             last = chain[-1][1] if chain else run
             i = last.start + last.length
         return x

@@ -50,6 +50,7 @@ def norm_act(
     *,
     groups: Optional[int] = None,
     act_weight: Optional[Tensor] = None,
+    inplace: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """act(norm(y)) as F.batch_norm / F.instance_norm / F.group_norm then F.relu / F.leaky_relu
@@ -57,21 +58,35 @@ def norm_act(
 
     `groups` is GroupNorm's number of groups (required for norm="group"); `act_weight` PReLU's
     weight (1 or C values; required for act="prelu", which trains it); `momentum` is the
-    running-average factor as in F.batch_norm.
+    running-average factor as in F.batch_norm. `inplace` writes the result over y and returns y
+    (for inference, where y is not needed after: it saves allocating an output); y must then
+    not need a gradient.
     """
     check_norm_act(y, norm, groups, weight, bias, running_mean, running_var, act, training)
     check_act_weight("norm_act", y, act, act_weight)
+    if inplace and torch.is_grad_enabled() and y.requires_grad:
+        raise ValueError("norm_act: inplace=True overwrites y, which requires grad here")
     # F.batch_norm's and F.instance_norm's choice; GroupNorm has no running statistics
     batch_stats = norm == "group" or training or running_mean is None
     args = (y, norm, groups, weight, bias, running_mean, running_var, batch_stats, momentum, eps)
     chosen = _backend.resolve(backend, y.device, "norm_act")
     if chosen == "reference" or norm == "none" or not batch_stats:
-        return reference.norm_act(*args, act, negative_slope, act_weight)
+        out = reference.norm_act(*args, act, negative_slope, act_weight)
+        return y.copy_(out) if inplace else out
     kernel_groups, slope = kernel_arguments(y, norm, groups, act, negative_slope)
+    kernel_args = (kernel_groups, weight, bias, eps, act, slope, act_weight)
     if chosen == "triton":
         triton_kernels().check_dtype(y)
-    kernel = kernels_for(chosen)[0]
-    out, mean, _, var = kernel(y, kernel_groups, weight, bias, eps, act, slope, act_weight)
+    if (
+        inplace
+        and chosen != "triton"
+        and y.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(y))
+    ):
+        out = y
+        mean, _, var = torch.ops.unet_fast.norm_act_(y, *kernel_args)
+    else:
+        out, mean, _, var = kernels_for(chosen)[0](y, *kernel_args)
+        out = y.copy_(out) if inplace else out
     update_norm_stats(norm, running_mean, running_var, mean, var, momentum, y[:, 0].numel())
     return out
 
@@ -157,6 +172,10 @@ def _fake(y, groups, weight, bias, eps, act, slope, act_weight=None):
     return empty_like_layout(y, y.shape), stats, torch.empty_like(stats), torch.empty_like(stats)
 
 
+def _fake_inplace(y, groups, weight, bias, eps, act, slope, act_weight=None):
+    return _fake(y, groups, weight, bias, eps, act, slope, act_weight)[1:]
+
+
 def _fake_apply(y, groups, weight, bias, mean, invstd, act, slope, act_weight=None):
     return empty_like_layout(y, y.shape)
 
@@ -205,6 +224,7 @@ def _triton_backward(ctx, grad_out, *rest):
 
 if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake("unet_fast::norm_act", _fake)
+    torch.library.register_fake("unet_fast::norm_act_", _fake_inplace)
     torch.library.register_fake("unet_fast::norm_act_backward", _fake_backward)
     torch.library.register_fake("unet_fast::norm_act_apply", _fake_apply)
     torch.library.register_autograd("unet_fast::norm_act", _backward, setup_context=_setup_context)

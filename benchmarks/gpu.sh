@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU run: build the CUDA kernels in place for this GPU, then the stages named in $STAGES
-# (default: all): tests (CUDA and Triton tests natively), bench (benchmarks/gpu_targets.py on
-# the cuda backend against eager and torch.compile, with a profile), triton (the same on the
-# triton backend), suite (the whole test suite), sanitizer (compute-sanitizer over the CUDA
-# kernels' tests), train (`unet-fast train` on CUDA in fp16 with loss scaling and in bf16, then
-# `unet-fast predict` on CUDA). Logs go to $OUT (default ./gpu-out); each stage has its own time
-# limit (SIGINT, so pytest still prints what failed).
+# (default: all): tests (CUDA and Triton tests natively), bench (benchmarks/gpu_targets.py on the
+# cuda backend against eager and torch.compile, with a profile), triton (the same on the triton
+# backend), networks (`unet-fast bench --model` of nnU-Net's and MONAI's networks in bf16, fused on
+# the cuda backend, against eager and torch.compile), suite (the whole test suite), sanitizer
+# (compute-sanitizer over the CUDA kernels' tests), train (`unet-fast train` on CUDA in fp16 with
+# loss scaling and in bf16, then `unet-fast predict` on CUDA). Logs go to $OUT (default ./gpu-out);
+# each stage has its own time limit (SIGINT, so pytest still prints what failed).
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-stages=${STAGES:-tests bench triton suite sanitizer train}
+stages=${STAGES:-tests bench triton networks suite sanitizer train}
 stage() { echo "=== $1 ($(date +%T))"; }
 wanted() { [[ " $stages " == *" $1 "* ]]; }
 
@@ -42,6 +43,14 @@ if wanted triton; then
   stage "benchmarks: triton backend"
   timeout ${TRITON_S:-150} python3 benchmarks/gpu_targets.py --backends triton --no-compile \
     --json "$out/targets_triton.json" 2>&1 | tail -40
+fi
+if wanted networks; then
+  stage "nnU-Net and MONAI networks: fuse() on the cuda backend against eager and torch.compile, bf16"
+  for model in nnunet-3d nnunet-2d monai-basicunet-3d; do
+    timeout ${NETWORKS_S:-100} python3 -m unet_fast bench --model $model --device cuda --backend cuda \
+      --dtype bfloat16 --compile default --rounds 10 --warmup 3 --json "$out/$model.json" 2>&1 \
+      | tee "$out/$model.log" | tail -14
+  done
 fi
 if wanted suite; then
   stage "whole test suite"

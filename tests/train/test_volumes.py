@@ -11,8 +11,11 @@ import unet_fast
 from unet_fast import cli
 from unet_fast.train import losses, metrics
 from unet_fast.train.data import seed_transform
+from unet_fast.train.distributed import Distributed
 from unet_fast.train.images import read_volume, read_volume_mask, volume_shape, zscore
+from unet_fast.train.offset import OffsetModel
 from unet_fast.train.predict import predict_averaged, predict_tiled
+from unet_fast.train.validate import validate
 from unet_fast.train.volumes import SyntheticVolumes, VolumeFolder, VolumeTransform
 
 AFFINE = np.diag([0.5, 0.7, 1.2, 1.0])
@@ -187,6 +190,54 @@ def test_volume_test_time_augmentation_and_shape_errors():
         predict_tiled(model, torch.randn(1, 24, 24))
     with pytest.raises(ValueError, match="2 tile sizes for an image of 3 axes"):
         predict_tiled(model, volume, tile=(32, 32))
+
+
+def test_validation_predicts_volumes_tile_by_tile():
+    """With tiling, validation runs each volume as overlapping tiles of the crop's size in
+    batches (never the whole volume at once); a volume one tile covers scores as its plain
+    forward pass."""
+    model = OffsetModel(unet3d())
+    shapes = []
+    model.model.register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape))
+    volume, mask = torch.randn(1, 1, 20, 40, 22), (torch.rand(1, 20, 40, 22) > 0.5).long()
+    env = Distributed("cpu")
+
+    def score(tiling, images=volume, masks=mask):
+        return validate(
+            model,
+            [(images, masks)],
+            losses.cross_entropy_loss,
+            2,
+            None,
+            None,
+            env,
+            True,
+            tiling=tiling,
+        )
+
+    loss, dice, *_ = score({"tile": (16, 16, 16), "batch_size": 2})
+    assert shapes and {s[0] for s in shapes} <= {1, 2} and {s[2:] for s in shapes} == {(16,) * 3}
+    assert 0 <= dice[1] <= 1 and loss > 0
+    small = volume[..., :16, :16, :16], mask[..., :16, :16, :16]
+    tiled, whole = score({"tile": (16, 16, 16), "batch_size": 2}, *small), score(None, *small)
+    for a, b in zip(tiled, whole, strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_volumes_of_different_shapes_train_and_validate(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    shapes = ((20, 24, 28), (16, 20, 20), (18, 40, 22), (24, 20, 36))
+    for stem, shape in zip("abcd", shapes, strict=True):
+        image = rng.normal(0, 1, shape).astype(np.float32)
+        save_nifti(tmp_path / "images" / f"{stem}.nii.gz", image)
+        save_nifti(tmp_path / "masks" / f"{stem}.nii.gz", (image > 0).astype(np.uint8))
+    options = ["--spatial-dims", "3", "--crop", "16", "--base-features", "4", "--batch-size", "2"]
+    code = cli.main(
+        ["train", "--data", str(tmp_path), *options, "--val-count", "2", "--epochs", "1",
+         "--quiet", "--out", str(tmp_path / "run")]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "best.pt").exists()
 
 
 def test_losses_and_metrics_of_volumes_are_those_of_the_flattened_planes():

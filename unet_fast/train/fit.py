@@ -69,6 +69,8 @@ class TrainConfig:
     learn_offset: bool = False  # the loop draws the views and learns the labels' offset: see
     #                             offset.py (the training transform must not flip or rotate)
     time_limit: float | None = None  # minutes of training (over resumes): no epoch starts after
+    val_tile: tuple[int, ...] | None = None  # validate sample by sample, by overlap-tile
+    #                                          prediction with tiles of this size (volumes)
     progress: bool = True
 
 
@@ -405,7 +407,9 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
     arguments; rank 0 writes the checkpoints and logs."""
     run = _setup(model, train_set, val_set, config)
     env, out = run.env, Path(config.out)
-    val_loader = validation_loader(val_set, env, config.batch_size, config.workers)
+    # tiled: one sample at a time (volumes differ in shape), its tiles in batches
+    val_batch = 1 if config.val_tile else config.batch_size
+    val_loader = validation_loader(val_set, env, val_batch, config.workers)
     ignore_index = getattr(val_set, "ignore_index", None)
     clock = _Clock(run.state["seconds"])
     budget = None if config.time_limit is None else 60 * config.time_limit
@@ -432,6 +436,7 @@ def fit(model, train_set, val_set, config: TrainConfig, data_info: dict | None =
             config.channels_last,
             config.tta,
             config.symmetry,
+            config.val_tile and {"tile": config.val_tile, "batch_size": config.batch_size},
         )
         improved = _record_epoch(
             run, config, epoch, train_loss, scores, val_set.binary, epoch_start, clock

@@ -383,6 +383,8 @@ def main(args) -> list:
     config = TrainConfig(
         **{k: v for k, v in vars(args).items() if k in fields}, progress=not args.quiet
     )
+    if args.spatial_dims == 3:  # whole volumes may not fit: validate them as predict does
+        config = dataclasses.replace(config, val_tile=crop_size(args))
     history = fit(model, train, val, config, info)
     if torch.distributed.is_initialized():  # started by fit under torchrun
         # no rank tears its connections down while rank 0 still saves (else gloo can abort);

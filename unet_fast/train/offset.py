@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError
+from .predict import predict_averaged
 from .symmetry import symmetric_mean, turn, turn_back
+from .tiling import model_padding, quarter_overlap
 
 # albumentations transforms that turn the image: with learn_offset the loop draws the views
 TURNING = ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "Transpose", "D4", "SquareSymmetry")
@@ -96,6 +98,17 @@ class OffsetModel(nn.Module):
     ) -> torch.Tensor:
         logits = symmetric_mean(self.model, images, symmetry) if tta else self.model(images)
         return self._offset(logits)
+
+    def predict_tiled(
+        self, image: torch.Tensor, tta: bool, symmetry: str, tile, batch_size: int
+    ) -> torch.Tensor:
+        """predict for one C×[D×]H×W image by overlap-tile prediction (tiles overlapping by a
+        quarter of the smallest tile edge where they can, cosine-blended)."""
+        overlap = quarter_overlap(tile, model_padding(self.model))
+        logits = predict_averaged(
+            self.model, image, tta, symmetry, tile=tile, overlap=overlap, batch_size=batch_size
+        )
+        return self._offset(logits[None])[0]
 
 
 def check_transform_keeps_orientation(transform) -> None:

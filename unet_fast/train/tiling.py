@@ -53,6 +53,14 @@ def _tile_size(tile: int, padding: str) -> tuple[int, int]:
     )
 
 
+def quarter_overlap(tile, padding: str) -> int:
+    """A quarter of the smallest tile edge as overlap, or less where tiles of that size could
+    then not move (validation's tiling)."""
+    edges = (tile,) if isinstance(tile, int) else tuple(tile)
+    outputs = min(_tile_size(edge, padding)[1] for edge in edges)
+    return max(0, min(min(edges) // 4, outputs - GRID))
+
+
 class Axis(NamedTuple):
     """How one image axis is tiled, in output pixels except `tile_in`."""
 

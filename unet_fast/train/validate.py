@@ -40,10 +40,12 @@ def validate(
     channels_last: bool,
     tta: bool = False,
     symmetry: str = "dihedral",
+    tiling: dict | None = None,
 ):
     """(loss, per-class Dice, IoU, pixel error) over the whole validation set (all ranks); with
     `tta` of the logits averaged over the images' views under `symmetry` (all 8 flips and
-    90-degree rotations for "dihedral")."""
+    90-degree rotations for "dihedral"); with `tiling` (predict_tiled's tile and batch_size)
+    each image predicted tile by tile, overlapping by a quarter tile."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=env.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)
@@ -53,7 +55,12 @@ def validate(
             with torch.autocast(
                 env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
-                logits = model.predict(images, tta, symmetry)
+                if tiling:
+                    logits = torch.stack(
+                        [model.predict_tiled(image, tta, symmetry, **tiling) for image in images]
+                    )
+                else:
+                    logits = model.predict(images, tta, symmetry)
             logits = logits.float()
             loss_sum += torch.stack(
                 [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unet_fast
-from unet_fast import _backend
+from unet_fast import _backend, bench
 
 
 def test_cpu_extension_is_built_and_registered():
@@ -50,6 +50,10 @@ def test_cuda_norm_act_kernels_are_registered_but_auto_keeps_the_reference_until
     assert "norm_act" in info["kernels"]["cuda"] and info["unverified"]["cuda"] == ["norm_act"]
     assert _backend.default_backend("norm_act", "cuda") == "reference"
     assert _backend.default_backend("crop_concat", "cuda") == "cuda"
+    # and `unet-fast bench --model` on a GPU says why the fused network runs the reference there
+    config = {"device": "cuda", "backends": info, "backend": "reference", "model": "nnunet-3d"}
+    assert "cuda norm_act kernels are built but unverified" in bench.unverified_note(config)
+    assert bench.unverified_note({**config, "device": "cpu"}) == ""
 
 
 def test_gpu_entry_matches_the_machine():

@@ -264,6 +264,15 @@ def bench(args) -> dict:
     }
 
 
+def unverified_note(cfg) -> str:
+    """Why "auto" chose the reference where kernels were built: they have not run there yet."""
+    device = torch.device(cfg["device"]).type
+    unverified = cfg["backends"].get("unverified", {}).get(device, [])
+    if cfg["backend"] == "reference" and cfg["model"] != "unet" and "norm_act" in unverified:
+        return f" (the {device} norm_act kernels are built but unverified: --backend {device} runs them)"
+    return ""
+
+
 def report(result) -> str:
     cfg = result["config"]
     under = ", under torch.autocast" if cfg["autocast"] else ""
@@ -283,8 +292,8 @@ def report(result) -> str:
         described = [
             f"  {base}: the network as its library builds it (eager, channels-first){under}",
             f"  {base_cl}: the same in channels-last (model and input){under}",
-            f"  {mine}: unet_fast.fuse() of it in channels-last, backend {cfg['backend']}, "
-            f"same weights{under}",
+            f"  {mine}: unet_fast.fuse() of it in channels-last, backend {cfg['backend']}"
+            f"{unverified_note(cfg)}, same weights{under}",
         ]
     lines = [
         f"unet-fast bench: {what}, input {shape} on {cfg['device']} ({cfg['threads']} "

@@ -345,8 +345,9 @@ def test_val_transforms_normalise_only():
 
 
 def test_dataset_with_train_transforms():
-    torch.manual_seed(0)  # the augmentations draw from torch's generator: one fixed draw
-    data = SyntheticCells(2, 64, transform=train_transforms(48, 1))
+    transform = train_transforms(48, 1)
+    seed_transform(transform, 0)  # albumentations draws from its own generators: one fixed draw
+    data = SyntheticCells(2, 64, transform=transform)
     image, mask = data[0]
     assert image.shape == (1, 48, 48) and mask.shape == (1, 48, 48)
     assert mask.dtype == torch.float32 and set(mask.unique().tolist()) <= {0.0, 1.0}

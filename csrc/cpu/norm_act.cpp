@@ -8,6 +8,8 @@
 // Every pass works on (sample, channel) planes: per-plane sums are reduced to the statistics'
 // units (a channel for BatchNorm, a (sample, group) for GroupNorm), and per-plane coefficients
 // are spread back from them, so one code path serves every norm.
+#include "norm_act.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -31,17 +33,6 @@ template <typename scalar_t>
 using Vec = typename Io<scalar_t>::Vec;
 template <typename scalar_t>
 using acc = at::opmath_type<scalar_t>;
-
-// PReLU is LeakyReLU with a slope per channel (or one for all) that is a parameter.
-enum class Act { kRelu, kLeakyRelu, kPrelu, kIdentity };
-
-Act parse_act(const std::string& act) {
-  if (act == "relu") return Act::kRelu;
-  if (act == "leaky_relu") return Act::kLeakyRelu;
-  if (act == "prelu") return Act::kPrelu;
-  if (act == "identity") return Act::kIdentity;
-  TORCH_CHECK(false, "norm_act: act must be relu, leaky_relu, prelu or identity, got ", act);
-}
 
 // The layout of an (N, C, *spatial) activation and its statistics' units.
 struct Layout {
@@ -218,21 +209,6 @@ void check_param(const char* op, const char* name, const Optional& t, int64_t C)
     TORCH_CHECK(t->numel() == C, op, ": ", name, " must have ", C, " elements, got ", t->numel());
 }
 
-bool defined(const Optional& t) { return t.has_value() && t->defined(); }
-
-// Each channel's negative slope: PReLU's weight (one per channel, or one for all), LeakyReLU's
-// slope, 0 otherwise (unused).
-std::vector<double> channel_slopes(const char* op, Act act, double slope, const Optional& prelu,
-                                   int64_t C) {
-  TORCH_CHECK((act == Act::kPrelu) == defined(prelu), op,
-              ": act_weight is PReLU's weight: give it with act=prelu and only then");
-  if (act != Act::kPrelu) return std::vector<double>(C, act == Act::kLeakyRelu ? slope : 0.0);
-  TORCH_CHECK(prelu->numel() == 1 || prelu->numel() == C, op, ": PReLU's weight must have 1 or ", C,
-              " elements, got ", prelu->numel());
-  return prelu->numel() == 1 ? std::vector<double>(C, prelu->to(at::kDouble).item<double>())
-                             : per_channel(prelu, C, 0.0);
-}
-
 // out = act((y - mean) * gamma * invstd + beta) per plane, with per-unit statistics.
 template <typename scalar_t>
 void apply(const Layout& l, scalar_t* out, const scalar_t* y, const acc<scalar_t>* mean,
@@ -348,7 +324,7 @@ struct ChannelParams {
                 double slope, const Optional& act_weight)
       : gamma(per_channel(weight, C, 1.0)),
         beta(per_channel(bias, C, 0.0)),
-        slopes(channel_slopes(op, act, slope, act_weight, C)) {}
+        slopes(per_channel(channel_slopes(op, act, slope, act_weight, C, at::kDouble), C, 0.0)) {}
   Channels view() const { return {gamma.data(), beta.data(), slopes.data()}; }
 };
 

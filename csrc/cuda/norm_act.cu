@@ -15,13 +15,14 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "norm_act.h"
 
 namespace unet_fast {
 namespace {
@@ -30,18 +31,9 @@ using Optional = std::optional<at::Tensor>;
 constexpr int kThreads = 256;
 constexpr int64_t kPerThread = 16;  // values a thread sums in acc_t before the block's tree
 
-enum Act : int { kRelu, kLeakyRelu, kPrelu, kIdentity };
 // Stats: sums of y - shift and its square; GradSums: of the masked gradient gz, gz * (y - mean)
 // and (PReLU) the pre-activation times grad where it is not > 0; Apply: the output; Grad: grad_y.
 enum Pass : int { kStats, kGradSums, kApply, kGrad };
-
-Act parse_act(const std::string& act) {
-  if (act == "relu") return kRelu;
-  if (act == "leaky_relu") return kLeakyRelu;
-  if (act == "prelu") return kPrelu;
-  if (act == "identity") return kIdentity;
-  TORCH_CHECK(false, "norm_act: act must be relu, leaky_relu, prelu or identity, got ", act);
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -98,14 +90,14 @@ __device__ Plane<acc_t> plane_of(const Params<acc_t>& p, const Layout& L, const 
 // (ReLU's passes unless a <= 0, so NaN passes it).
 template <typename T>
 __device__ __forceinline__ T activate(Act act, T a, T slope) {
-  if (act == kIdentity) return a;
-  if (act == kRelu) return (a > T(0) || a != a) ? a : T(0);
+  if (act == Act::kIdentity) return a;
+  if (act == Act::kRelu) return (a > T(0) || a != a) ? a : T(0);
   return a > T(0) ? a : a * slope;
 }
 template <typename T>
 __device__ __forceinline__ T mask(Act act, T a, T d, T slope) {
-  if (act == kIdentity) return d;
-  if (act == kRelu) return a <= T(0) ? T(0) : d;
+  if (act == Act::kIdentity) return d;
+  if (act == Act::kRelu) return a <= T(0) ? T(0) : d;
   return a > T(0) ? d : d * slope;
 }
 
@@ -121,7 +113,7 @@ __device__ __forceinline__ void add_terms(const Plane<acc_t>& k, Act act, acc_t 
     const acc_t masked = mask(act, pre, d, k.slope);
     s[0] += masked;
     s[1] += masked * centred;
-    if (act == kPrelu && !(pre > acc_t(0))) s[2] += pre * d;
+    if (act == Act::kPrelu && !(pre > acc_t(0))) s[2] += pre * d;
   }
 }
 
@@ -365,8 +357,6 @@ void map(const Layout& L, at::Tensor& out, const at::Tensor& y, const scalar_t* 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool defined(const Optional& t) { return t.has_value() && t->defined(); }
-
 Layout layout_of(const char* op, const at::Tensor& y, int64_t groups) {
   TORCH_CHECK(y.is_cuda(), op, ": expected a CUDA tensor");
   TORCH_CHECK(y.dim() == 4 || y.dim() == 5, op,
@@ -391,21 +381,6 @@ at::Tensor channel_vector(const char* op, const char* name, const Optional& t, c
   return t->to(acc).contiguous();
 }
 
-// Each channel's negative slope: PReLU's weight (one per channel, or one for all), LeakyReLU's
-// slope, 0 otherwise (unused).
-at::Tensor channel_slopes(const char* op, Act act, double slope, const Optional& prelu,
-                          const at::Tensor& y, at::ScalarType acc) {
-  TORCH_CHECK((act == kPrelu) == defined(prelu), op,
-              ": act_weight is PReLU's weight: give it with act=prelu and only then");
-  const int64_t C = y.size(1);
-  if (act != kPrelu) return at::full({C}, act == kLeakyRelu ? slope : 0.0, y.options().dtype(acc));
-  TORCH_CHECK(prelu->numel() == 1 || prelu->numel() == C, op, ": PReLU's weight must have 1 or ", C,
-              " elements, got ", prelu->numel());
-  TORCH_CHECK(prelu->device() == y.device(), op, ": PReLU's weight is on ", prelu->device(),
-              ", y on ", y.device());
-  return prelu->to(acc).reshape({-1}).expand({C}).contiguous();
-}
-
 // The kernels' parameters; the tensors must outlive the launches.
 struct Inputs {
   at::Tensor y, gamma, beta, slopes;
@@ -419,7 +394,7 @@ struct Inputs {
     const auto acc = at::toOpMathType(y.scalar_type());
     gamma = channel_vector(op, "weight", weight, y, acc);
     beta = channel_vector(op, "bias", bias, y, acc);
-    slopes = channel_slopes(op, act, slope, act_weight, y, acc);
+    slopes = channel_slopes(op, act, slope, act_weight, y.size(1), y.options().dtype(acc));
   }
   template <typename acc_t>
   Params<acc_t> params(const at::Tensor& mean, const at::Tensor& invstd) const {

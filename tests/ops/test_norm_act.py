@@ -128,6 +128,11 @@ def test_large_channels_first_units_match(kernel, norm, groups, act, slope):
     y = torch.randn(2, 4, 16, 32, 33, dtype=torch.float64) * 2 + 1
     got = on_cpu(run(kernel, y.to(kernel), norm, groups, act, slope))
     assert_close(got, run("reference", y, norm, groups, act, slope), torch.float64)
+    y[0, 1, 0, 0, 0], y[1, 2, 3, 4, 5], y[1, 3, 6, 7, 8] = float("nan"), float("inf"), -float("inf")
+    got = on_cpu(run(kernel, y.to(kernel), norm, groups, act, slope))
+    for g, w in zip(got, run("reference", y, norm, groups, act, slope), strict=True):
+        assert torch.equal(g.isnan(), w.isnan())  # NaN and Inf as the reference's, unit by unit
+        assert_close(g.nan_to_num(0, 0, 0), w.nan_to_num(0, 0, 0), torch.float64)
 
 
 @pytest.mark.parametrize("norm,groups", NORMS[:3])

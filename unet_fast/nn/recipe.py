@@ -89,13 +89,9 @@ READERS = {
 }
 
 
-def read_recipes(model: nn.Module) -> int:
-    """Swaps every convolution and max pooling of `model` for its recipe-reading class, in place;
-    returns how many."""
-    swapped = 0
+def read_recipes(model: nn.Module) -> None:
+    """Swaps every convolution and max pooling of `model` for its recipe-reading class, in place."""
     for module in model.modules():
         reader = READERS.get(type(module))
         if reader is not None:
             module.__class__ = reader
-            swapped += 1
-    return swapped

@@ -16,6 +16,7 @@ import bench_conv_bn_relu as conv_cases
 import bench_crop_concat as crop_cases
 import bench_norm_act as norm_cases
 import bench_unet
+import bench_up_conv as up_cases
 import torch
 
 
@@ -95,6 +96,7 @@ def main():
         ("double_conv train step", conv_cases.test_double_conv_training, conv_cases.CASES),
         ("crop_concat forward", crop_cases.test_crop_concat_forward, crop_cases.CASES),
         ("norm+LeakyReLU fwd+bwd", norm_cases.test_norm_act_forward_backward, norm_cases.CASES),
+        ("up_conv fwd+bwd", up_cases.test_up_conv_forward_backward, up_cases.CASES),
     ]
     for title, test, cases in suites:
         if args.only not in title:
@@ -102,7 +104,11 @@ def main():
         for case in cases:
             for layout in ("nchw", "nhwc"):
                 params = {"case": case, "device": "cpu"}
-                if test is norm_cases.test_norm_act_forward_backward:
+                if test is up_cases.test_up_conv_forward_backward:
+                    if layout == "nchw":
+                        continue  # channels-last only: the layout the kernel is for
+                    params = {"case": case, "device": "cpu"}
+                elif test is norm_cases.test_norm_act_forward_backward:
                     params = {"case": case, "layout": layout}
                 elif test is crop_cases.test_crop_concat_forward:
                     params["channels_last"] = layout == "nhwc"

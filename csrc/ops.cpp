@@ -41,6 +41,12 @@ TORCH_LIBRARY(unet_fast, m) {
       "batch_norm_relu_apply(Tensor y, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) "
       "-> Tensor",
       kExactStrides);
+  // The gradient reaching x = batch_norm_relu_apply(y, ...) through max_pool2d(x, 2, 2) (the
+  // maxima found again from y), plus grad_x, x's gradient from its other consumer, if given.
+  m.def(
+      "batch_norm_relu_max_pool_backward(Tensor grad_pooled, Tensor? grad_x, Tensor y, "
+      "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor",
+      kExactStrides);
   // Eval mode: relu(conv2d(x, weight, bias, padding)), BatchNorm already folded into weight/bias.
   m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor? bias, int padding) -> Tensor",
         kExactStrides);
@@ -71,6 +77,14 @@ TORCH_LIBRARY(unet_fast, m) {
       "Tensor? bn_weight1, Tensor? bn_bias1, Tensor mean1, Tensor invstd1, Tensor weight2, "
       "bool has_bias2, Tensor y2, Tensor? bn_weight2, Tensor? bn_bias2, Tensor mean2, "
       "Tensor invstd2, int padding, bool input_grad) -> Tensor[]",
+      kExactStrides);
+
+  // (grad_x, grad_weight, grad_bias) of conv_transpose(x, weight, bias, stride = kernel size), a
+  // 4-D or 5-D transposed convolution whose kernels do not overlap; output_mask as
+  // aten::convolution_backward's (an output not asked for is empty).
+  m.def(
+      "up_conv_backward(Tensor grad, Tensor x, Tensor weight, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor)",
       kExactStrides);
 
   // Norm + activation on a 4-D or 5-D activation with batch statistics: groups 0 is BatchNorm

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU through the interpreter
@@ -102,3 +103,15 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     for i, value in enumerate((float("nan"), float("inf"), -float("inf"))):
         flat[(flat.numel() // 2 + 37 * i) % flat.numel()] = value
     return torch.empty_like(t).copy_(flat.view(t.shape))
+
+
+class DispatchedOps(TorchDispatchMode):
+    """The names ("unet_fast.up_conv_backward", "aten.mm", ...) of the ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

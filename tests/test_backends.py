@@ -14,15 +14,12 @@ from unet_fast import _backend, bench
 def test_cpu_extension_is_built_and_registered():
     info = unet_fast.backends()
     assert info["extension"] == "built"
-    assert info["kernels"]["cpu"] == ["conv_bias_relu", "conv_bn_relu", "crop_concat", "norm_act"]
-    assert info["default"]["cpu"] == {
-        "crop_concat": "cpu",
-        "conv_bn_relu": "cpu",
-        "conv_bias_relu": "cpu",
-        "norm_act": "cpu",
-    }
+    ops = ["batch_norm_relu_max_pool", "conv_bias_relu", "conv_bn_relu", "crop_concat"]
+    ops += ["norm_act", "up_conv"]
+    assert info["kernels"]["cpu"] == ops
+    assert info["default"]["cpu"] == dict.fromkeys(ops, "cpu")
     kernels = ("crop_concat", "batch_norm_relu", "batch_norm_relu_backward", "conv_bias_relu")
-    for kernel in (*kernels, "norm_act", "norm_act_backward"):
+    for kernel in (*kernels, "norm_act", "norm_act_backward", "up_conv_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CPU")
 
 
@@ -43,16 +40,22 @@ def test_extension_uses_the_shared_libstdcxx():
 
 
 @pytest.mark.skipif(not _backend.BUILT["cuda"], reason="built without CUDA kernels")
-def test_cuda_norm_act_kernels_are_registered_but_auto_keeps_the_reference_until_verified():
-    for kernel in ("norm_act", "norm_act_backward", "norm_act_apply"):
+def test_unverified_cuda_kernels_are_registered_but_auto_keeps_the_reference():
+    for kernel in ("norm_act", "norm_act_backward", "norm_act_apply", "up_conv_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"unet_fast::{kernel}", "CUDA")
     info = unet_fast.backends()
-    assert "norm_act" in info["kernels"]["cuda"] and info["unverified"]["cuda"] == ["norm_act"]
+    assert {"norm_act", "up_conv"} <= set(info["kernels"]["cuda"])
+    assert info["unverified"]["cuda"] == ["norm_act", "up_conv"]
     assert _backend.default_backend("norm_act", "cuda") == "reference"
+    assert _backend.default_backend("up_conv", "cuda") == "reference"
     assert _backend.default_backend("crop_concat", "cuda") == "cuda"
-    # and `unet-fast bench --model` on a GPU says why the fused network runs the reference there
-    config = {"device": "cuda", "backends": info, "backend": "reference", "model": "nnunet-3d"}
-    assert "cuda norm_act kernels are built but unverified" in bench.unverified_note(config)
+    # and `unet-fast bench` on a GPU says why parts of the fused network run the reference there
+    config = {"device": "cuda", "backends": info, "backend_asked": "auto", "model": "nnunet-3d"}
+    assert "cuda norm_act, up_conv kernels are built but unverified" in bench.unverified_note(
+        config
+    )
+    assert "cuda up_conv kernels" in bench.unverified_note({**config, "model": "unet"})
+    assert bench.unverified_note({**config, "backend_asked": "cuda"}) == ""
     assert bench.unverified_note({**config, "device": "cpu"}) == ""
 
 

@@ -23,7 +23,10 @@ REQUIRES = {
         "double_conv",
     ),
     "conv_bias_relu": ("conv_bias_relu",),
+    # the UNet's pooling of a double conv's output, from its recipe (ops.recompute)
+    "batch_norm_relu_max_pool": ("batch_norm_relu_max_pool_backward",),
     "norm_act": ("norm_act", "norm_act_", "norm_act_apply", "norm_act_backward"),
+    "up_conv": ("up_conv_backward",),
 }
 
 try:
@@ -55,7 +58,7 @@ BUILT = {
 
 # Kernels built but not yet checked on their device: "auto" keeps the reference there until the
 # tests have passed on it; backend="cuda" runs them (the tests' cuda parameters do).
-UNVERIFIED = {"cuda": {"norm_act"}}
+UNVERIFIED = {"cuda": {"norm_act", "up_conv"}}
 
 
 def default_backend(op: str, device_type: str) -> str:

@@ -257,6 +257,7 @@ def bench(args) -> dict:
             "threads": torch.get_num_threads(),
             "dims": 2 if args.model == "unet" else networks.NETWORKS[args.model][1],
             "backend": backend,
+            "backend_asked": args.backend,
             "backends": _backend.backends(),
         },
         "runs": runs,
@@ -265,12 +266,19 @@ def bench(args) -> dict:
 
 
 def unverified_note(cfg) -> str:
-    """Why "auto" chose the reference where kernels were built: they have not run there yet."""
+    """Why "auto" chose the reference for ops whose kernels were built: not yet run there."""
     device = torch.device(cfg["device"]).type
-    unverified = cfg["backends"].get("unverified", {}).get(device, [])
-    if cfg["backend"] == "reference" and cfg["model"] != "unet" and "norm_act" in unverified:
-        return f" (the {device} norm_act kernels are built but unverified: --backend {device} runs them)"
-    return ""
+    unverified = [
+        op
+        for op in cfg["backends"].get("unverified", {}).get(device, [])
+        if op != "norm_act" or cfg["model"] != "unet"  # the tutorial's UNet has no norm_act
+    ]
+    if cfg.get("backend_asked", "auto") != "auto" or not unverified:
+        return ""
+    return (
+        f" (the {device} {', '.join(unverified)} kernels are built but unverified, so the "
+        f"reference runs: --backend {device} runs them)"
+    )
 
 
 def report(result) -> str:

@@ -17,7 +17,7 @@ from .nn.recipe import read_recipes
 class FuseReport:
     """What fuse() did: `fused` maps each replaced submodule's name to its fused runs, `left`
     each Sequential holding a convolution it left as it was to why, `leaner` each module given
-    a class that keeps less for backward to what it drops."""
+    a class that keeps less for backward or runs it faster to what changes."""
 
     def __init__(self):
         self.fused, self.left, self.leaner = {}, {}, {}
@@ -28,23 +28,37 @@ class FuseReport:
         return "\n".join(lines + [f"lean  {name}: {what}" for name, what in self.leaner.items()])
 
 
-# Other libraries' modules that compute the same with a class keeping less: (module, class name)
-# -> (where the leaner class lives, what it drops). Imported only when such a module is there.
+# Modules that compute the same with a class that keeps less for backward or runs it faster:
+# (module, class name) -> (where the class lives, what it changes). A class with `fits(module)`
+# takes only the modules it accepts; each is imported only when such a module is there.
 LEANER = {
     ("monai.networks.nets.basic_unet", "UpCat"): (
         "unet_fast.nn.upcat.LeanUpCat",
         "UpCat pads only where sizes differ (the zero replicate padding kept a copy)",
     ),
+    ("torch.nn.modules.conv", "ConvTranspose2d"): (
+        "unet_fast.nn.up_conv.UpConvTranspose2d",
+        "stride = kernel: backward by two matrix products (ops.up_conv)",
+    ),
+    ("torch.nn.modules.conv", "ConvTranspose3d"): (
+        "unet_fast.nn.up_conv.UpConvTranspose3d",
+        "stride = kernel: backward by two matrix products (ops.up_conv)",
+    ),
 }
 
 
-def _make_leaner(model: nn.Module, done: FuseReport) -> None:
+def _make_leaner(model: nn.Module, done: FuseReport, backend: str) -> None:
     for name, module in model.named_modules():
         found = LEANER.get((type(module).__module__, type(module).__qualname__))
         if found is not None:
             where, what = found
             module_name, class_name = where.rsplit(".", 1)
-            module.__class__ = getattr(importlib.import_module(module_name), class_name)
+            leaner = getattr(importlib.import_module(module_name), class_name)
+            if hasattr(leaner, "fits") and not leaner.fits(module):
+                continue
+            module.__class__ = leaner
+            if hasattr(leaner, "backend"):
+                module.backend = backend
             done.leaner[name] = what
 
 
@@ -75,8 +89,9 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
     UnetBasicBlock and UnetResBlock (residual blocks: both paths, the sum and its activation as
     written); 2-D and 3-D, BatchNorm / InstanceNorm / GroupNorm, ReLU / LeakyReLU / PReLU / none.
     Sequential subclasses count when they keep Sequential's forward; other modules with a
-    forward of their own are left as written, but for those in LEANER (MONAI's UpCat), given a
-    subclass that computes the same and keeps less for backward.
+    forward of their own are left as written, but for those in LEANER (MONAI's UpCat, transposed
+    convolutions whose stride is their kernel), given a subclass that computes the same and keeps
+    less for backward or runs it faster.
 
     Returns the model, or (model, FuseReport) with report=True.
     """
@@ -100,7 +115,7 @@ def fuse(model: nn.Module, *, backend: str = "auto", report: bool = False):
             setattr(module, child_name, fused)
             replaced[id(child)] = fused
             done.fused[path] = what
+    _make_leaner(model, done, backend)
     if any(isinstance(m, FusedConvNormAct) for m in model.modules()):
         read_recipes(model)  # its chains' outputs are kept by their recipes
-    _make_leaner(model, done)
     return (model, done) if report else model

@@ -143,6 +143,13 @@ def crop_concat(skip: torch.Tensor, up: torch.Tensor, size: Sequence[int]) -> to
     return torch.cat([fit(skip, size), fit(up, size)], dim=1)
 
 
+def up_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """A transposed convolution (2-D or 3-D) whose stride is its kernel size: every input pixel
+    becomes its own block of output pixels (the U-Net's 2x2 stride-2 upsampling)."""
+    conv = F.conv_transpose2d if x.dim() == 4 else F.conv_transpose3d
+    return conv(x, weight, bias, stride=tuple(weight.shape[2:]))
+
+
 # Sizes through the U-Net, and input checks with clear messages.
 
 DEPTH = 4  # poolings in the tutorial's UNet

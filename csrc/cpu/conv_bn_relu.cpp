@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/channelwise.h"
 
@@ -192,6 +193,140 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type)};
 }
 
+// One 2x2 window of max_pool2d_backward over x = relu(y * scale + shift) (x rebuilt as
+// batch_norm_relu_apply computes and stores it), plus x's other gradient gx: out[p] = gx[p] + (p
+// is the window's argmax ? g : 0), the argmax as ATen's max pooling finds it (the first maximum
+// in row-major order; NaN wins). T is a scalar or a Vectorized lane pack of the accumulation
+// type; `round` gives x the precision batch_norm_relu_apply stores it in.
+template <typename T, typename Round>
+void pool_window(const T (&y)[4], T scale, T shift, T g, const T* gx, T (&out)[4], Round round) {
+  auto x = [&](int p) {
+    if constexpr (std::is_floating_point_v<T>) {
+      const T a = y[p] * scale + shift;
+      return round((a > 0 || std::isnan(a)) ? a : T(0));
+    } else {
+      return at::vec::maximum(y[p] * scale + shift, T(0));
+    }
+  };
+  T max = x(0), best(0);  // x >= 0 or NaN: the first position beats ATen's initial -inf
+  for (int p = 1; p < 4; ++p) {
+    const T xp = x(p);
+    if constexpr (std::is_floating_point_v<T>) {
+      if (xp > max || std::isnan(xp)) max = xp, best = T(p);
+    } else {
+      const T take = (xp > max) | xp.isnan();
+      max = T::blendv(max, xp, take), best = T::blendv(best, T(p), take);
+    }
+  }
+  for (int p = 0; p < 4; ++p) {
+    T pooled;
+    if constexpr (std::is_floating_point_v<T>) {
+      pooled = best == T(p) ? g : T(0);
+    } else {
+      pooled = T::blendv(T(0), g, best == T(p));
+    }
+    out[p] = gx ? gx[p] + pooled : pooled;
+  }
+}
+
+// The gradient reaching x = relu(bn(y)) through max_pool2d(x, 2, 2), plus grad_x (x's gradient
+// from its other consumer, the decoder's join) when given, in one pass over y. Rows and columns
+// outside every window (odd sizes) get grad_x + 0 (as autograd's sum would).
+at::Tensor batch_norm_relu_max_pool_backward_cpu(const at::Tensor& grad_pooled_in,
+                                                 const Optional& grad_x_in, const at::Tensor& y_in,
+                                                 const Optional& weight, const Optional& bias,
+                                                 const at::Tensor& mean, const at::Tensor& invstd) {
+  check_activation("batch_norm_relu_max_pool_backward", y_in);
+  const int64_t N = y_in.size(0), C = y_in.size(1), H = y_in.size(2), W = y_in.size(3);
+  const int64_t PH = H / 2, PW = W / 2;
+  TORCH_CHECK(grad_pooled_in.sizes() == c10::IntArrayRef({N, C, PH, PW}),
+              "batch_norm_relu_max_pool_backward: grad_pooled must have shape ",
+              c10::IntArrayRef({N, C, PH, PW}), ", got ", grad_pooled_in.sizes());
+  const bool has_grad_x = grad_x_in.has_value() && grad_x_in->defined();
+  TORCH_CHECK(!has_grad_x || grad_x_in->sizes() == y_in.sizes(),
+              "batch_norm_relu_max_pool_backward: grad_x does not match y of shape ", y_in.sizes());
+  const auto format = y_in.suggest_memory_format();
+  const at::Tensor y = y_in.contiguous(format);
+  const at::Tensor grad_pooled = grad_pooled_in.to(y.scalar_type()).contiguous(format);
+  // grad_x is read where it lies (the join's gradient: a channel slice of a wider tensor)
+  // unless its channels are not adjacent where y's are
+  at::Tensor grad_x = has_grad_x ? grad_x_in->to(y.scalar_type()) : at::Tensor();
+  if (has_grad_x && (grad_x.stride(1) != 1) == (format == at::MemoryFormat::ChannelsLast)) {
+    grad_x = grad_x.contiguous(format);
+  }
+  const auto acc_type = at::toOpMathType(y.scalar_type());
+  auto [scale, shift] = affine(mean.to(acc_type), invstd.to(acc_type), weight, bias);
+  at::Tensor out = at::empty_like(y, format);
+  if (y.numel() == 0) return out;
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast;
+  // strides of (c, h, w) in y's layout and in the pooled gradient's
+  const int64_t s_c = nhwc ? 1 : H * W, s_h = nhwc ? W * C : W, s_w = nhwc ? C : 1;
+  const int64_t p_c = nhwc ? 1 : PH * PW, p_h = nhwc ? PW * C : PW, p_w = nhwc ? C : 1;
+  const auto gs = has_grad_x ? grad_x.strides() : y.strides();  // (n, c, h, w)
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu_max_pool", [&] {
+    using A = acc<scalar_t>;
+    using V = cpu::Vectorized<A>;
+    constexpr bool vectorised = std::is_same_v<scalar_t, A>;  // float, double: no rounding
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad_pooled.const_data_ptr<scalar_t>();
+    const scalar_t* gxp = has_grad_x ? grad_x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const A* sc = scale.const_data_ptr<A>();
+    const A* sh = shift.const_data_ptr<A>();
+    auto round = [](A x) { return static_cast<A>(static_cast<scalar_t>(x)); };
+    at::parallel_for(0, N * ((H + 1) / 2), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / ((H + 1) / 2), ph = row % ((H + 1) / 2);
+        const int64_t top = n * C * H * W + 2 * ph * s_h, g_top = n * gs[0] + 2 * ph * gs[2];
+        for (int64_t w0 = 0; w0 < W; w0 += 2) {
+          const int64_t at[4] = {top + w0 * s_w, top + (w0 + 1) * s_w, top + s_h + w0 * s_w,
+                                 top + s_h + (w0 + 1) * s_w};
+          const int64_t g_at[4] = {g_top + w0 * gs[3], g_top + (w0 + 1) * gs[3],
+                                   g_top + gs[2] + w0 * gs[3], g_top + gs[2] + (w0 + 1) * gs[3]};
+          if (ph >= PH || w0 / 2 >= PW) {  // outside every window: grad_x + 0, or 0
+            for (int p = 0; p < 4; ++p) {
+              const int64_t h = 2 * ph + p / 2, w = w0 + p % 2;
+              if (h >= H || w >= W) continue;
+              for (int64_t c = 0; c < C; ++c) {
+                const A other = gxp ? static_cast<A>(gxp[g_at[p] + c * gs[1]]) + A(0) : A(0);
+                op[at[p] + c * s_c] = static_cast<scalar_t>(other);
+              }
+            }
+            continue;
+          }
+          const int64_t pooled = n * C * PH * PW + ph * p_h + (w0 / 2) * p_w;
+          int64_t c = 0;
+          if constexpr (vectorised) {
+            if (nhwc) {
+              for (; c + V::size() <= C; c += V::size()) {
+                V ys[4], gxs[4], outs[4];
+                for (int p = 0; p < 4; ++p) {
+                  ys[p] = V::loadu(yp + at[p] + c);
+                  if (gxp) gxs[p] = V::loadu(gxp + g_at[p] + c);
+                }
+                pool_window<V>(ys, V::loadu(sc + c), V::loadu(sh + c), V::loadu(gp + pooled + c),
+                               gxp ? gxs : nullptr, outs, [](V x) { return x; });
+                for (int p = 0; p < 4; ++p) outs[p].store(op + at[p] + c);
+              }
+            }
+          }
+          for (; c < C; ++c) {
+            A ys[4], gxs[4], outs[4];
+            for (int p = 0; p < 4; ++p) {
+              ys[p] = static_cast<A>(yp[at[p] + c * s_c]);
+              if (gxp) gxs[p] = static_cast<A>(gxp[g_at[p] + c * gs[1]]);
+            }
+            pool_window<A>(ys, sc[c], sh[c], static_cast<A>(gp[pooled + c * p_c]),
+                           gxp ? gxs : nullptr, outs, round);
+            for (int p = 0; p < 4; ++p) op[at[p] + c * s_c] = static_cast<scalar_t>(outs[p]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace unet_fast
 
@@ -199,4 +334,5 @@ TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
   m.impl("batch_norm_relu", &unet_fast::batch_norm_relu_cpu);
   m.impl("batch_norm_relu_backward", &unet_fast::batch_norm_relu_backward_cpu);
   m.impl("batch_norm_relu_apply", &unet_fast::batch_norm_relu_apply_cpu);
+  m.impl("batch_norm_relu_max_pool_backward", &unet_fast::batch_norm_relu_max_pool_backward_cpu);
 }

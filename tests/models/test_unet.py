@@ -6,8 +6,8 @@ from torch import nn
 
 import unet_fast
 from tests import tutorial_unet
-from tests.helpers import assert_close, assert_histories_close, training_history
-from unet_fast import reference
+from tests.helpers import DispatchedOps, assert_close, assert_histories_close, training_history
+from unet_fast import _backend, reference
 from unet_fast.nn import FusedDoubleConv
 
 
@@ -67,6 +67,27 @@ def test_uses_the_fused_ops_and_keeps_the_callers_layout():
     assert not any("NativeBatchNorm" in n or n == "CatBackward0" for n in names)
     out = ours(x.contiguous(memory_format=torch.channels_last))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("pool_kernel", [True, False])
+def test_training_pools_through_one_node_with_or_without_its_kernel(monkeypatch, pool_kernel):
+    """The decoder reads each encoder output through its pooling's node, whose backward sums
+    both gradients: in one kernel where built, composed (CUDA) where not; the same either way."""
+    if not pool_kernel:
+        monkeypatch.setitem(
+            _backend.BUILT, "cpu", _backend.BUILT["cpu"] - {"batch_norm_relu_max_pool"}
+        )
+    tutorial = tutorial_unet.UNet(3, 2, base_features=4, bilinear=False).double()
+    ours = unet_fast.UNet(3, 2, base_features=4, bilinear=False).double()
+    ours.load_state_dict(tutorial.state_dict())
+    x = torch.randn(2, 3, 36, 34, dtype=torch.float64)
+    for got, want in zip(run(ours, x, steps=2), run(tutorial, x, steps=2), strict=True):
+        assert_close(got, want, torch.float64)
+    with DispatchedOps() as dispatched:
+        ours.train()(x).sum().backward()
+    kernel_ran = "unet_fast.batch_norm_relu_max_pool_backward" in dispatched.names
+    assert kernel_ran == pool_kernel
+    assert ("aten.max_pool2d_with_indices_backward" in dispatched.names) != pool_kernel
 
 
 def test_valid_padding_and_size_errors():

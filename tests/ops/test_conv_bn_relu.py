@@ -198,6 +198,7 @@ def test_opcheck_every_op():
     grad = torch.randn_like(out)
     # backward ops take no gradient themselves (no double backward through convolutions)
     xd, wd, bd, gd, bed = (t.detach() for t in (x, w, b, g, be))
+    pooled = torch.randn(*y.shape[:2], y.shape[2] // 2, y.shape[3] // 2, dtype=y.dtype)
     for op, args in [
         (torch.ops.unet_fast.conv_bn_relu.default, (x, w, b, g, be, 1e-5, 1)),
         (torch.ops.unet_fast.conv_bn_relu.default, (x, w, None, None, None, 1e-5, 0)),
@@ -208,6 +209,14 @@ def test_opcheck_every_op():
         (torch.ops.unet_fast.batch_norm_relu.default, (y.detach().requires_grad_(), g, be, 1e-5)),
         (torch.ops.unet_fast.batch_norm_relu_apply.default, (y, gd, bed, mean, invstd)),
         (torch.ops.unet_fast.batch_norm_relu_backward.default, (grad, y, gd, bed, mean, invstd)),
+        (
+            torch.ops.unet_fast.batch_norm_relu_max_pool_backward.default,
+            (pooled, grad, y, gd, bed, mean, invstd),
+        ),
+        (
+            torch.ops.unet_fast.batch_norm_relu_max_pool_backward.default,
+            (pooled, None, y, None, None, mean, invstd),
+        ),
         (torch.ops.unet_fast.conv_bias_relu.default, (x, w, b, 1)),
         (
             torch.ops.unet_fast.conv_bn_relu_backward.default,
@@ -614,3 +623,61 @@ def test_opcheck_on_cuda():
     w = torch.randn(4, 3, 3, 3, device="cuda", dtype=torch.float64, requires_grad=True)
     g = torch.rand(4, device="cuda", dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.unet_fast.conv_bn_relu.default, (x, w, None, g, None, 1e-5, 1))
+
+
+def pool_backward_composite(grad_pooled, grad_x, y, weight, bias, mean, invstd):
+    """What batch_norm_relu_max_pool_backward fuses: rebuild x, ATen's max pooling backward,
+    autograd's sum with x's other gradient."""
+    x = torch.ops.unet_fast.batch_norm_relu_apply(y, weight, bias, mean, invstd)
+    _, indices = F.max_pool2d(x, 2, 2, return_indices=True)
+    grad = torch.ops.aten.max_pool2d_with_indices_backward(
+        grad_pooled, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+    )
+    return grad if grad_x is None else grad_x + grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (2, 16, 8, 8), (1, 19, 3, 6)])
+@pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("grad_x_layout", [None, "channel slice", "contiguous"])
+def test_max_pool_backward_from_a_recipe_is_bit_exact(dtype, shape, y_layout, grad_x_layout):
+    """One pass (rebuild x = relu(bn(y)), find each window's maximum, add x's other gradient)
+    gives bit for bit what the three steps give: ties (ReLU's zeros, repeated values) go to the
+    first maximum, NaN wins, odd last rows and columns get the other gradient alone."""
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    y = torch.randn(shape, dtype=torch.float64).to(dtype)
+    y.view(-1)[::7] = 0.5  # repeated values: ties after the ReLU too
+    y.view(-1)[::11] = float("nan")
+    y = layout(y, y_layout)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = torch.rand(c, dtype=stats) + 0.5, torch.randn(c, dtype=stats)
+    mean, invstd = torch.randn(c, dtype=stats) * 0.1, torch.rand(c, dtype=stats) + 0.5
+    grad_pooled = layout(torch.randn(n, c, h // 2, w // 2, dtype=dtype), y_layout)
+    grad_x = None
+    if grad_x_layout == "channel slice":  # the decoder join's gradient, as the UNet passes it
+        wide = torch.randn(n, 2 * c, h, w, dtype=dtype).contiguous(
+            memory_format=torch.channels_last
+        )
+        grad_x = wide[:, c:]
+    elif grad_x_layout == "contiguous":
+        grad_x = torch.randn(shape, dtype=dtype)
+    args = (grad_pooled, grad_x, y, weight, bias, mean, invstd)
+    got = torch.ops.unet_fast.batch_norm_relu_max_pool_backward(*args)
+    want = pool_backward_composite(*args)
+    assert got.isnan().any() == want.isnan().any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(y))
+
+
+def test_max_pool_backward_from_a_recipe_refuses_mismatched_shapes():
+    y = torch.randn(2, 3, 8, 8)
+    stats = (None, None, torch.zeros(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match="grad_pooled must have shape"):
+        torch.ops.unet_fast.batch_norm_relu_max_pool_backward(
+            torch.randn(2, 3, 3, 4), None, y, *stats
+        )
+    with pytest.raises(RuntimeError, match="grad_x does not match y"):
+        torch.ops.unet_fast.batch_norm_relu_max_pool_backward(
+            torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 7), y, *stats
+        )

@@ -96,23 +96,26 @@ class UNet(FusedModel, reference.UNet):
         self.finish(spatial_dims)
 
     def encode(self, level: int, x, recipe=None):
-        """Encoder level 0 (`inc`) or `down{level}` (pool, then double conv): (output, recipe).
+        """Encoder level 0 (`inc`) or `down{level}` (pool, then double conv) of x, the level
+        above's output: ((output, recipe), x as the decoder should read it).
 
         In training the pooling and the decoder's join keep the recipe of the block's output
         (its conv output and statistics, kept anyway) instead of the output: see ops.recompute.
-        That path calls the block's children, not the block (forward hooks on `down1` run in
-        eval and without gradients).
+        The decoder then reads x through the pooling's node, which sums x's two gradients. That
+        path calls the block's children, not the block (forward hooks on `down1` run in eval and
+        without gradients).
         """
         block = getattr(self, "inc" if level == 0 else f"down{level}")
         if not (self.training and torch.is_grad_enabled()):
-            return block(x), None
+            return (block(x), None), x
         if self.checkpointing:
-            return checkpoint(block, x, use_reentrant=False), None
+            return (checkpoint(block, x, use_reentrant=False), None), x
+        pooled = x
         if level:
             pool, block = block.maxpool_conv
-            x = recompute.max_pool2d(x, recipe) if recipe is not None else pool(x)
+            pooled, x = recompute.max_pool2d(x, recipe) if recipe is not None else (pool(x), x)
         forward_recipe = getattr(getattr(block, "double_conv", None), "forward_recipe", None)
-        return forward_recipe(x) if forward_recipe else (block(x), None)
+        return (forward_recipe(pooled) if forward_recipe else (block(pooled), None)), x
 
     def decode(self, level: int, x, skip, recipe=None):
         """Decoder block `up{level}`: upsample x, join it with the skip, double conv."""
@@ -137,9 +140,11 @@ class UNet(FusedModel, reference.UNet):
             self.training,
         )
         x, fmt = self.layout(x)
-        skips = [self.encode(0, x)]
+        skips = [self.encode(0, x)[0]]  # (output, recipe) per level
         for level in range(1, 5):
-            skips.append(self.encode(level, *skips[-1]))
+            encoded, skip = self.encode(level, *skips[-1])
+            skips[-1] = (skip, skips[-1][1])
+            skips.append(encoded)
         x = skips.pop()[0]
         for level in range(1, 5):
             x = self.decode(level, x, *skips.pop())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..ops.conv_norm_act import ConvOp, MaxPoolOp, from_recipe, recipe_of
+from .up_conv import UpConvTranspose2d, UpConvTranspose3d
 
 
 def _each(value, dims: int) -> list:
@@ -63,11 +64,11 @@ class RecipeConv3d(_Conv, nn.Conv3d):
     pass
 
 
-class RecipeConvTranspose2d(_Conv, nn.ConvTranspose2d):
+class RecipeConvTranspose2d(_Conv, UpConvTranspose2d):
     pass
 
 
-class RecipeConvTranspose3d(_Conv, nn.ConvTranspose3d):
+class RecipeConvTranspose3d(_Conv, UpConvTranspose3d):
     pass
 
 
@@ -84,6 +85,8 @@ READERS = {
     nn.Conv3d: RecipeConv3d,
     nn.ConvTranspose2d: RecipeConvTranspose2d,
     nn.ConvTranspose3d: RecipeConvTranspose3d,
+    UpConvTranspose2d: RecipeConvTranspose2d,
+    UpConvTranspose3d: RecipeConvTranspose3d,
     nn.MaxPool2d: RecipeMaxPool2d,
     nn.MaxPool3d: RecipeMaxPool3d,
 }

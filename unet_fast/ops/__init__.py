@@ -10,6 +10,7 @@ from .crop_concat import crop_concat
 from .crop_concat import triton_kernels as _triton_crop_concat
 from .norm_act import norm_act
 from .norm_act import triton_kernels as _triton_norm_act
+from .up_conv import up_conv
 
 __all__ = [
     "batch_norm_relu",
@@ -22,6 +23,7 @@ __all__ = [
     "fold",
     "load_triton",
     "norm_act",
+    "up_conv",
 ]
 
 

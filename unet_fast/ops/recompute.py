@@ -10,6 +10,7 @@ and for the decoder's concatenation + double conv (which would otherwise keep th
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
 from .._common import update_running_stats
 from ._checks import autocast_inputs
 from .conv_bn_relu import check_double_conv, double_conv_backward
@@ -22,26 +23,41 @@ def recompute(recipe):
 
 
 class _MaxPool(torch.autograd.Function):
+    """(max_pool2d(x, 2, 2), x) for a double conv's output x: the decoder reads x through this
+    node too, so that one kernel rebuilds x, finds the maxima and sums both of x's gradients."""
+
     @staticmethod
     def forward(ctx, x, *recipe):
         ctx.save_for_backward(*recipe)
-        return F.max_pool2d(x, 2, 2)
+        ctx.set_materialize_grads(False)
+        return F.max_pool2d(x, 2, 2), x
 
     @staticmethod
-    def backward(ctx, grad):
-        x = recompute(ctx.saved_tensors)
+    def backward(ctx, grad_pooled, grad_x):
+        nones = [None] * len(ctx.saved_tensors)
+        if grad_pooled is None:
+            return (grad_x, *nones)
+        recipe = ctx.saved_tensors
+        if (
+            _backend.default_backend("batch_norm_relu_max_pool", grad_pooled.device.type)
+            != "reference"
+        ):
+            return (
+                unet_fast.batch_norm_relu_max_pool_backward(grad_pooled, grad_x, *recipe),
+                *nones,
+            )
+        x = recompute(recipe)
         _, indices = F.max_pool2d(x, 2, 2, return_indices=True)
-        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_pooled, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices
         )
-        return (grad_x, *[None] * len(ctx.saved_tensors))
+        return (grad if grad_x is None else grad_x + grad, *nones)
 
 
-def max_pool2d(x, recipe=None):
-    """2x2 max pooling of a double conv's output `x`; with its recipe nothing but the recipe is
-    kept for backward, where the argmax is found again."""
-    if recipe is None:
-        return F.max_pool2d(x, 2, 2)
+def max_pool2d(x, recipe):
+    """(2x2 max pooling of a double conv's output `x`, x to read it by): only the recipe is kept
+    for backward, where the maxima are found again; x's gradients from the pooling and from
+    whoever reads the returned x are summed in the same pass."""
     return _MaxPool.apply(x, *recipe)
 
 

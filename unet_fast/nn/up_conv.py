@@ -1,0 +1,45 @@
+"""ConvTranspose2d / ConvTranspose3d whose stride equals the kernel, backward through ops.up_conv.
+
+fuse() gives every such transposed convolution (the U-Net's 2x2 stride-2 upsampling, nnU-Net's
+and MONAI's too) one of these classes: the same parameters, state_dict and outputs; its backward
+is two matrix products instead of ATen's transposed-convolution backward.
+"""
+
+from torch import nn
+
+from .. import ops
+
+
+def non_overlapping(module: nn.Module) -> bool:
+    """A plain transposed convolution whose stride is its kernel size (no padding, dilation,
+    output padding or groups)."""
+    k = module.kernel_size
+    return (
+        tuple(module.stride) == tuple(k)
+        and not any(module.padding)
+        and not any(module.output_padding)
+        and all(d == 1 for d in module.dilation)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+    )
+
+
+class UpConvMixin:
+    backend = "auto"
+
+    @classmethod
+    def fits(cls, module: nn.Module) -> bool:
+        return non_overlapping(module)
+
+    def forward(self, x, output_size=None):
+        if output_size is not None or not non_overlapping(self):
+            return super().forward(x, output_size)
+        return ops.up_conv(x, self.weight, self.bias, backend=self.backend)
+
+
+class UpConvTranspose2d(UpConvMixin, nn.ConvTranspose2d):
+    pass
+
+
+class UpConvTranspose3d(UpConvMixin, nn.ConvTranspose3d):
+    pass

@@ -1,6 +1,8 @@
 // conv_bn_relu and double_conv in training mode, and their backward passes: convolutions through
 // ATen (oneDNN on CPU, cuDNN on CUDA), BatchNorm + ReLU through the unet_fast::batch_norm_relu*
 // kernels of the tensor's device. Device-generic code, registered for each device key.
+#include "cpu/conv_bn_relu.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
@@ -97,8 +99,12 @@ double_conv(const at::Tensor& x, const at::Tensor& weight1, const Optional& bias
             double eps1, double eps2, int64_t padding) {
   auto [a1, y1, mean1, invstd1, var1] =
       conv_bn_relu(x, weight1, bias1, bn_weight1, bn_bias1, eps1, padding);
-  auto [out, y2, mean2, invstd2, var2] =
-      conv_bn_relu(a1, weight2, bias2, bn_weight2, bn_bias2, eps2, padding);
+  at::Tensor y2 = conv(a1, weight2, bias2, padding);
+  // a1 is dead once y2 exists: on the CPU the second BN+ReLU writes over it
+  // (csrc/cpu/conv_bn_relu.h)
+  auto [out, mean2, invstd2, var2] =
+      y2.is_cpu() ? cpu::batch_norm_relu_into(y2, bn_weight2, bn_bias2, eps2, a1)
+                  : batch_norm_relu(y2, bn_weight2, bn_bias2, eps2);
   return {out, y1, y2, mean1, invstd1, var1, mean2, invstd2, var2};
 }
 
@@ -111,9 +117,13 @@ std::vector<at::Tensor> double_conv_backward(
   const at::Tensor a1 = batch_norm_relu_apply(y1, bn_weight1, bn_bias1, mean1, invstd1);
   auto [grad_a1, grad_w2, grad_b2, grad_g2, grad_be2] = conv_bn_relu_backward(
       grad_out, a1, weight2, has_bias2, y2, bn_weight2, bn_bias2, mean2, invstd2, padding, true);
-  auto [grad_x, grad_w1, grad_b1, grad_g1, grad_be1] =
-      conv_bn_relu_backward(grad_a1, x, weight1, has_bias1, y1, bn_weight1, bn_bias1, mean1,
-                            invstd1, padding, input_grad);
+  // grad_a1 is ours: on the CPU layer 1's BN+ReLU gradient is written over it
+  auto [grad_y1, grad_g1, grad_be1] =
+      y1.is_cpu() ? cpu::batch_norm_relu_backward(grad_a1, y1, bn_weight1, bn_bias1, mean1, invstd1,
+                                                  /*over_grad_out=*/true)
+                  : batch_norm_relu_backward(grad_a1, y1, bn_weight1, bn_bias1, mean1, invstd1);
+  auto [grad_x, grad_w1, grad_b1] =
+      conv_backward(grad_y1, x, weight1, has_bias1, padding, input_grad);
   return {grad_x, grad_w1, grad_b1, grad_g1, grad_be1, grad_w2, grad_b2, grad_g2, grad_be2};
 }
 

@@ -1,6 +1,8 @@
 // BatchNorm (batch statistics) + ReLU on the CPU, fused: forward = one statistics pass and one
 // normalise+ReLU pass over y; backward = one reduction pass and one gradient pass. The ReLU mask
 // is recomputed from y, so nothing but y, mean and invstd is kept for backward.
+#include "cpu/conv_bn_relu.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -69,9 +71,10 @@ std::pair<at::Tensor, at::Tensor> affine(const at::Tensor& mean, const at::Tenso
   return {scale, shift};
 }
 
+// Writes into `into` when given (dense in y's format, y's shape and dtype), else a new tensor.
 at::Tensor apply(const at::Tensor& y, at::MemoryFormat format, const at::Tensor& scale,
-                 const at::Tensor& shift) {
-  at::Tensor out = at::empty_like(y, format);
+                 const at::Tensor& shift, const at::Tensor& into = {}) {
+  at::Tensor out = into.defined() ? into : at::empty_like(y, format);
   if (y.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu_apply", [&] {
     apply_kernel<scalar_t>(out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
@@ -92,8 +95,11 @@ at::Tensor batch_norm_relu_apply_cpu(const at::Tensor& y_in, const Optional& wei
   return apply(y, format, scale, shift);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
-    const at::Tensor& y_in, const Optional& weight, const Optional& bias, double eps) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::batch_norm_relu_into(
+    const at::Tensor& y_in, const Optional& weight, const Optional& bias, double eps,
+    const at::Tensor& into) {
   check_activation("batch_norm_relu", y_in);
   const auto format = y_in.suggest_memory_format();
   const at::Tensor y = y_in.contiguous(format);
@@ -119,16 +125,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
                            invstd.data_ptr<A>(), unbiased_var.data_ptr<A>());
   });
   auto [scale, shift] = affine(mean, invstd, weight, bias);
-  return {apply(y, format, scale, shift), mean, invstd, unbiased_var};
+  const bool reuse = into.defined() && into.sizes() == y.sizes() &&
+                     into.scalar_type() == y.scalar_type() && into.is_contiguous(format);
+  return {apply(y, format, scale, shift, reuse ? into : at::Tensor()), mean, invstd, unbiased_var};
 }
 
 // d/dy of relu(bn(y)): with m = [not y * scale + shift <= 0] (F.relu's: NaN passes), k = gamma *
 // invstd and n values per channel, grad_y = k * (m*dy - sum(m*dy)/n - xhat * sum(m*dy*xhat)/n),
 // xhat = (y - mean) * invstd. Written as m*dy*k + a*y + b, with a =
 // -k*invstd^2*sum(m*dy*(y-mean))/n, b = -k*sum(m*dy)/n - a*mean.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu::batch_norm_relu_backward(
     const at::Tensor& grad_out, const at::Tensor& y_in, const Optional& weight,
-    const Optional& bias, const at::Tensor& mean_in, const at::Tensor& invstd_in) {
+    const Optional& bias, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    bool over_grad_out) {
   check_activation("batch_norm_relu_backward", y_in);
   TORCH_CHECK(grad_out.sizes() == y_in.sizes(), "batch_norm_relu_backward: grad_out of shape ",
               grad_out.sizes(), " does not match y of shape ", y_in.sizes());
@@ -142,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
                    invstd = invstd_in.to(acc_type).contiguous();
   auto [scale, shift] = affine(mean, invstd, weight, bias);
   const at::Tensor gamma = per_channel(weight, s.C, 1.0, acc_type);
-  at::Tensor grad_y = at::empty_like(y, format);
+  // the gradient pass reads dy[i] and writes grad_y[i] in the same step: it may overwrite dy
+  at::Tensor grad_y = over_grad_out && dy.is_same(grad_out) ? dy : at::empty_like(y, format);
   at::Tensor grad_weight = at::zeros_like(mean), grad_bias = at::zeros_like(mean);
   if (count > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu_backward", [&] {
@@ -191,6 +201,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   const auto param_type =
       weight.has_value() && weight->defined() ? weight->scalar_type() : acc_type;
   return {grad_y, grad_weight.to(param_type), grad_bias.to(param_type)};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
+    const at::Tensor& y, const Optional& weight, const Optional& bias, double eps) {
+  return cpu::batch_norm_relu_into(y, weight, bias, eps, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& y, const Optional& weight, const Optional& bias,
+    const at::Tensor& mean, const at::Tensor& invstd) {
+  return cpu::batch_norm_relu_backward(grad_out, y, weight, bias, mean, invstd, false);
 }
 
 // One 2x2 window of max_pool2d_backward over x = relu(y * scale + shift) (x rebuilt as

@@ -271,17 +271,15 @@ at::Tensor batch_norm_relu_max_pool_backward_cpu(const at::Tensor& grad_pooled_i
   const auto format = y_in.suggest_memory_format();
   const at::Tensor y = y_in.contiguous(format);
   const at::Tensor grad_pooled = grad_pooled_in.to(y.scalar_type()).contiguous(format);
-  // grad_x is read where it lies (the join's gradient: a channel slice of a wider tensor)
-  // unless its channels are not adjacent where y's are
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast;
+  // grad_x is read where it lies (the join's gradient: a channel slice of a wider tensor); the
+  // channels-last loop needs its channels adjacent
   at::Tensor grad_x = has_grad_x ? grad_x_in->to(y.scalar_type()) : at::Tensor();
-  if (has_grad_x && (grad_x.stride(1) != 1) == (format == at::MemoryFormat::ChannelsLast)) {
-    grad_x = grad_x.contiguous(format);
-  }
+  if (has_grad_x && nhwc && grad_x.stride(1) != 1) grad_x = grad_x.contiguous(format);
   const auto acc_type = at::toOpMathType(y.scalar_type());
   auto [scale, shift] = affine(mean.to(acc_type), invstd.to(acc_type), weight, bias);
   at::Tensor out = at::empty_like(y, format);
   if (y.numel() == 0) return out;
-  const bool nhwc = format == at::MemoryFormat::ChannelsLast;
   // strides of (c, h, w) in y's layout and in the pooled gradient's
   const int64_t s_c = nhwc ? 1 : H * W, s_h = nhwc ? W * C : W, s_w = nhwc ? C : 1;
   const int64_t p_c = nhwc ? 1 : PH * PW, p_h = nhwc ? PW * C : PW, p_w = nhwc ? C : 1;

@@ -8,19 +8,13 @@ is two matrix products instead of ATen's transposed-convolution backward.
 from torch import nn
 
 from .. import ops
+from ..ops.up_conv import non_overlapping as up_conv_geometry
 
 
-def non_overlapping(module: nn.Module) -> bool:
-    """A plain transposed convolution whose stride is its kernel size (no padding, dilation,
-    output padding or groups)."""
-    k = module.kernel_size
-    return (
-        tuple(module.stride) == tuple(k)
-        and not any(module.padding)
-        and not any(module.output_padding)
-        and all(d == 1 for d in module.dilation)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
+def non_overlapping(m: nn.Module) -> bool:
+    """A transposed convolution module with up_conv's geometry (and zero padding mode)."""
+    return m.padding_mode == "zeros" and up_conv_geometry(
+        m.kernel_size, m.stride, m.padding, m.dilation, m.output_padding, m.groups
     )
 
 

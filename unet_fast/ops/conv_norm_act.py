@@ -25,6 +25,7 @@ from .norm_act import (
     update_norm_stats,
 )
 from .up_conv import kernel_runs as up_conv_kernel_runs
+from .up_conv import non_overlapping
 
 aten = torch.ops.aten
 
@@ -96,24 +97,21 @@ class ConvOp(NamedTuple):
     def backward(self, grad, x, params, extra, needs):
         weight, bias = params
         mask = [needs[0], needs[1], bias is not None and needs[2]]
-        if self.non_overlapping(weight) and up_conv_kernel_runs(x.device):
+        up_conv = self.transposed and non_overlapping(
+            weight.shape[2:],
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.output_padding,
+            self.groups,
+        )
+        if up_conv and up_conv_kernel_runs(x.device):
             grads = torch.ops.unet_fast.up_conv_backward(grad, x, weight, mask)
             grads = [g if wanted else None for g, wanted in zip(grads, mask, strict=True)]
         else:
             sizes = None if bias is None else [bias.shape[0]]
             grads = aten.convolution_backward(grad, x, weight, sizes, *self, mask)
         return grads[0], grads[1:]
-
-    def non_overlapping(self, weight) -> bool:
-        """A transposed convolution whose stride is its kernel: ops.up_conv's backward."""
-        return (
-            self.transposed
-            and list(self.stride) == list(weight.shape[2:])
-            and not any(self.padding)
-            and not any(self.output_padding)
-            and all(d == 1 for d in self.dilation)
-            and self.groups == 1
-        )
 
 
 def _conv_op(layer: Layer, dims: int) -> ConvOp:

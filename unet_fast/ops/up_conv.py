@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _backend, reference
 from .._common import empty_like_layout
-from ._checks import FLOATING, autocast_inputs, needs_grad
+from ._checks import FLOATING, autocast_inputs, check_channel_vectors, needs_grad
 
 Tensor = torch.Tensor
 
@@ -33,6 +33,18 @@ def up_conv(
     if not kernel_runs(x.device, backend) or not needs_grad(x, weight, bias):
         return reference.up_conv(x, weight, bias)
     return _UpConv.apply(x, weight, bias)
+
+
+def non_overlapping(kernel, stride, padding, dilation, output_padding, groups) -> bool:
+    """Whether a transposed convolution's geometry is up_conv's: stride = kernel, no padding,
+    output padding, dilation or groups."""
+    return (
+        list(stride) == list(kernel)
+        and not any(padding)
+        and not any(output_padding)
+        and all(d == 1 for d in dilation)
+        and groups == 1
+    )
 
 
 def kernel_runs(device: torch.device, backend: str = "auto") -> bool:
@@ -61,10 +73,7 @@ def check_up_conv(x, weight, bias) -> None:
             raise TypeError(
                 f"up_conv: {name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}"
             )
-    if bias is not None and bias.shape != (weight.shape[1],):
-        raise ValueError(
-            f"up_conv: bias must have shape ({weight.shape[1]},), got {tuple(bias.shape)}"
-        )
+    check_channel_vectors("up_conv", weight.shape[1], x.device, bias=bias)
 
 
 class _UpConv(torch.autograd.Function):

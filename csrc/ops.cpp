@@ -47,6 +47,12 @@ TORCH_LIBRARY(unet_fast, m) {
       "batch_norm_relu_max_pool_backward(Tensor grad_pooled, Tensor? grad_x, Tensor y, "
       "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) -> Tensor",
       kExactStrides);
+  // [batch_norm_relu_apply(y, ...), up] on channels, up of y's batch and spatial size: the
+  // decoder join's input rebuilt from the skip's recipe.
+  m.def(
+      "batch_norm_relu_concat(Tensor y, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "Tensor up) -> Tensor",
+      kExactStrides);
   // Eval mode: relu(conv2d(x, weight, bias, padding)), BatchNorm already folded into weight/bias.
   m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor? bias, int padding) -> Tensor",
         kExactStrides);

@@ -23,8 +23,8 @@ REQUIRES = {
         "double_conv",
     ),
     "conv_bias_relu": ("conv_bias_relu",),
-    # the UNet's pooling of a double conv's output, from its recipe (ops.recompute)
-    "batch_norm_relu_max_pool": ("batch_norm_relu_max_pool_backward",),
+    # the UNet's pooling and decoder join rebuilding a double conv's output (ops.recompute)
+    "recompute": ("batch_norm_relu_max_pool_backward", "batch_norm_relu_concat"),
     "norm_act": ("norm_act", "norm_act_", "norm_act_apply", "norm_act_backward"),
     "up_conv": ("up_conv_backward",),
 }

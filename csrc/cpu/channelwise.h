@@ -54,25 +54,29 @@ constexpr int64_t U = 2;
 template <typename scalar_t, size_t K, typename VecOp, typename ScalarOp>
 void channelwise_map(scalar_t* out, const scalar_t* y, const scalar_t* dy, Shape s,
                      const std::array<const at::opmath_type<scalar_t>*, K>& coef, VecOp vop,
-                     ScalarOp sop) {
+                     ScalarOp sop, int64_t out_channels = 0) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = typename Io<scalar_t>::Vec;
   constexpr int64_t V = Vec::size();
   auto load = [&](const scalar_t* p, int64_t i) { return p ? Io<scalar_t>::load(p + i) : Vec(0); };
   auto at_ = [&](const scalar_t* p, int64_t i) { return p ? static_cast<acc_t>(p[i]) : acc_t(0); };
+  // out may be the first s.C channels of a tensor of out_channels channels in the same layout
+  const int64_t oc = out_channels ? out_channels : s.C;
   if (!s.nhwc) {
     at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t c = plane % s.C, base = plane * s.HW;
+        // out's planes: those of earlier samples' other channels come before this one
+        scalar_t* const o = out + plane / s.C * (oc - s.C) * s.HW;
         std::array<Vec, K> cv;
         std::array<acc_t, K> cs;
         for (size_t k = 0; k < K; ++k) cv[k] = Vec(cs[k] = coef[k][c]);
         int64_t i = 0;
         for (; i + V <= s.HW; i += V) {
-          Io<scalar_t>::store(out + base + i, vop(load(y, base + i), load(dy, base + i), cv));
+          Io<scalar_t>::store(o + base + i, vop(load(y, base + i), load(dy, base + i), cv));
         }
         for (; i < s.HW; ++i) {
-          out[base + i] = static_cast<scalar_t>(sop(at_(y, base + i), at_(dy, base + i), cs));
+          o[base + i] = static_cast<scalar_t>(sop(at_(y, base + i), at_(dy, base + i), cs));
         }
       }
     });
@@ -89,9 +93,10 @@ void channelwise_map(scalar_t* out, const scalar_t* y, const scalar_t* dy, Shape
         std::array<std::array<Vec, K>, U> cv;
         for (int64_t u = 0; u < U; ++u)
           for (size_t k = 0; k < K; ++k) cv[u][k] = Vec::loadu(coef[k] + c + u * V);
-        for (int64_t i = tile * s.C + c; i < tile_end * s.C; i += s.C) {
+        for (int64_t row = tile; row < tile_end; ++row) {
+          const int64_t i = row * s.C + c, o = row * oc + c;
           for (int64_t u = 0; u < U; ++u) {
-            Io<scalar_t>::store(out + i + u * V,
+            Io<scalar_t>::store(out + o + u * V,
                                 vop(load(y, i + u * V), load(dy, i + u * V), cv[u]));
           }
         }
@@ -99,8 +104,9 @@ void channelwise_map(scalar_t* out, const scalar_t* y, const scalar_t* dy, Shape
       for (; c < s.C; ++c) {
         std::array<acc_t, K> cs;
         for (size_t k = 0; k < K; ++k) cs[k] = coef[k][c];
-        for (int64_t i = tile * s.C + c; i < tile_end * s.C; i += s.C) {
-          out[i] = static_cast<scalar_t>(sop(at_(y, i), at_(dy, i), cs));
+        for (int64_t row = tile; row < tile_end; ++row) {
+          const int64_t i = row * s.C + c;
+          out[row * oc + c] = static_cast<scalar_t>(sop(at_(y, i), at_(dy, i), cs));
         }
       }
     }

@@ -46,10 +46,11 @@ using Vec = typename Io<scalar_t>::Vec;
 template <typename scalar_t>
 using acc = at::opmath_type<scalar_t>;
 
-// out = relu(y * scale + shift) per channel; NaN propagates like F.relu.
+// out = relu(y * scale + shift) per channel; NaN propagates like F.relu. out may be the first
+// s.C channels of a tensor out_channels wide.
 template <typename scalar_t>
 void apply_kernel(scalar_t* out, const scalar_t* y, Shape s, const acc<scalar_t>* scale,
-                  const acc<scalar_t>* shift) {
+                  const acc<scalar_t>* shift, int64_t out_channels = 0) {
   using V = Vec<scalar_t>;
   using A = acc<scalar_t>;
   cpu::channelwise_map<scalar_t, 2>(
@@ -58,7 +59,8 @@ void apply_kernel(scalar_t* out, const scalar_t* y, Shape s, const acc<scalar_t>
       [](A v, A, const std::array<A, 2>& k) {
         const A a = v * k[0] + k[1];
         return (a > 0 || std::isnan(a)) ? a : A(0);
-      });
+      },
+      out_channels);
 }
 
 // scale = gamma * invstd, shift = beta - mean * scale: relu(bn(y)) = relu(y * scale + shift).
@@ -216,6 +218,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   return cpu::batch_norm_relu_backward(grad_out, y, weight, bias, mean, invstd, false);
 }
 
+// [relu(bn(y)), up] on channels (y and up of one batch size and spatial size): the decoder join's
+// input rebuilt from the skip's recipe, the skip written straight into its channels.
+at::Tensor batch_norm_relu_concat_cpu(const at::Tensor& y_in, const Optional& weight,
+                                      const Optional& bias, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const at::Tensor& up) {
+  check_activation("batch_norm_relu_concat", y_in);
+  TORCH_CHECK(
+      up.dim() == 4 && up.size(0) == y_in.size(0) && up.sizes().slice(2) == y_in.sizes().slice(2),
+      "batch_norm_relu_concat: up of shape ", up.sizes(), " must match y of shape ", y_in.sizes(),
+      " but in channels");
+  TORCH_CHECK(up.scalar_type() == y_in.scalar_type(), "batch_norm_relu_concat: up is ",
+              up.scalar_type(), " but y is ", y_in.scalar_type());
+  const auto format = y_in.suggest_memory_format();
+  const at::Tensor y = y_in.contiguous(format);
+  const int64_t C = y.size(1), channels = C + up.size(1);
+  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format);
+  out.narrow(1, C, up.size(1)).copy_(up);
+  if (y.numel() == 0) return out;
+  const auto acc_type = at::toOpMathType(y.scalar_type());
+  auto [scale, shift] = affine(mean.to(acc_type), invstd.to(acc_type), weight, bias);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu_concat", [&] {
+    apply_kernel<scalar_t>(out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                           shape_of(y, format), scale.const_data_ptr<acc<scalar_t>>(),
+                           shift.const_data_ptr<acc<scalar_t>>(), channels);
+  });
+  return out;
+}
+
 // One 2x2 window of max_pool2d_backward over x = relu(y * scale + shift) (x rebuilt as
 // batch_norm_relu_apply computes and stores it), plus x's other gradient gx: out[p] = gx[p] + (p
 // is the window's argmax ? g : 0), the argmax as ATen's max pooling finds it (the first maximum
@@ -356,4 +386,5 @@ TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
   m.impl("batch_norm_relu_backward", &unet_fast::batch_norm_relu_backward_cpu);
   m.impl("batch_norm_relu_apply", &unet_fast::batch_norm_relu_apply_cpu);
   m.impl("batch_norm_relu_max_pool_backward", &unet_fast::batch_norm_relu_max_pool_backward_cpu);
+  m.impl("batch_norm_relu_concat", &unet_fast::batch_norm_relu_concat_cpu);
 }

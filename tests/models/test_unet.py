@@ -69,25 +69,30 @@ def test_uses_the_fused_ops_and_keeps_the_callers_layout():
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("pool_kernel", [True, False])
-def test_training_pools_through_one_node_with_or_without_its_kernel(monkeypatch, pool_kernel):
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("size", [(32, 48), (37, 34)])  # odd sizes: joins pad, crop_concat runs
+def test_training_rebuilds_skips_in_one_pass_with_or_without_the_kernels(
+    monkeypatch, kernels, size
+):
     """The decoder reads each encoder output through its pooling's node, whose backward sums
-    both gradients: in one kernel where built, composed (CUDA) where not; the same either way."""
-    if not pool_kernel:
-        monkeypatch.setitem(
-            _backend.BUILT, "cpu", _backend.BUILT["cpu"] - {"batch_norm_relu_max_pool"}
-        )
+    both gradients, and the join's backward rebuilds its input from the skip's recipe: in one
+    kernel each where built, composed (CUDA) where not; the same either way."""
+    if not kernels:
+        monkeypatch.setitem(_backend.BUILT, "cpu", _backend.BUILT["cpu"] - {"recompute"})
     tutorial = tutorial_unet.UNet(3, 2, base_features=4, bilinear=False).double()
     ours = unet_fast.UNet(3, 2, base_features=4, bilinear=False).double()
     ours.load_state_dict(tutorial.state_dict())
-    x = torch.randn(2, 3, 36, 34, dtype=torch.float64)
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
     for got, want in zip(run(ours, x, steps=2), run(tutorial, x, steps=2), strict=True):
         assert_close(got, want, torch.float64)
     with DispatchedOps() as dispatched:
         ours.train()(x).sum().backward()
-    kernel_ran = "unet_fast.batch_norm_relu_max_pool_backward" in dispatched.names
-    assert kernel_ran == pool_kernel
-    assert ("aten.max_pool2d_with_indices_backward" in dispatched.names) != pool_kernel
+    pooled = "unet_fast.batch_norm_relu_max_pool_backward" in dispatched.names
+    joined = dispatched.names.count("unet_fast.batch_norm_relu_concat")
+    assert pooled == kernels
+    assert ("aten.max_pool2d_with_indices_backward" in dispatched.names) != kernels
+    # 32 x 48: no join pads; 37 x 34: all but the deepest do
+    assert joined == (0 if not kernels else 4 if size[0] == 32 else 1)
 
 
 def test_valid_padding_and_size_errors():

@@ -217,6 +217,7 @@ def test_opcheck_every_op():
             torch.ops.unet_fast.batch_norm_relu_max_pool_backward.default,
             (pooled, None, y, None, None, mean, invstd),
         ),
+        (torch.ops.unet_fast.batch_norm_relu_concat.default, (y, gd, bed, mean, invstd, xd)),
         (torch.ops.unet_fast.conv_bias_relu.default, (x, w, b, 1)),
         (
             torch.ops.unet_fast.conv_bn_relu_backward.default,
@@ -681,3 +682,34 @@ def test_max_pool_backward_from_a_recipe_refuses_mismatched_shapes():
         torch.ops.unet_fast.batch_norm_relu_max_pool_backward(
             torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 7), y, *stats
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels", [(3, 5), (17, 16), (64, 64)])
+@pytest.mark.parametrize("y_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("up_layout", ["contiguous", "channels_last", "strided"])
+def test_join_rebuilt_from_a_recipe_is_bit_exact(dtype, channels, y_layout, up_layout):
+    """[relu(bn(y)), up] written in one pass is bit for bit the rebuilt skip concatenated with up
+    (NaN and Inf included), in y's layout, whatever up's."""
+    torch.manual_seed(0)
+    (c, c_up), (n, h, w) = channels, (2, 5, 7)
+    y = torch.randn(n, c, h, w, dtype=torch.float64).to(dtype)
+    y[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    y = layout(y, y_layout)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = torch.rand(c, dtype=stats) + 0.5, torch.randn(c, dtype=stats)
+    mean, invstd = torch.randn(c, dtype=stats) * 0.1, torch.rand(c, dtype=stats) + 0.5
+    up = layout(torch.randn(n, c_up, h, w, dtype=dtype), up_layout)
+    got = torch.ops.unet_fast.batch_norm_relu_concat(y, weight, bias, mean, invstd, up)
+    skip = torch.ops.unet_fast.batch_norm_relu_apply(y, weight, bias, mean, invstd)
+    torch.testing.assert_close(got, torch.cat([skip, up], 1), rtol=0, atol=0, equal_nan=True)
+    assert got.isnan().any()
+    assert got.is_contiguous(memory_format=torch._prims_common.suggest_memory_format(y))
+
+
+def test_join_rebuilt_from_a_recipe_refuses_mismatched_inputs():
+    y, stats = torch.randn(2, 3, 8, 8), (None, None, torch.zeros(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match="must match y"):
+        torch.ops.unet_fast.batch_norm_relu_concat(y, *stats, torch.randn(2, 4, 8, 7))
+    with pytest.raises(RuntimeError, match="up is Double but y is Float"):
+        torch.ops.unet_fast.batch_norm_relu_concat(y, *stats, torch.randn(2, 4, 8, 8).double())

@@ -231,6 +231,10 @@ def _fake_batch_norm_relu_max_pool_backward(grad_pooled, grad_x, y, weight, bias
     return empty_like_layout(y)
 
 
+def _fake_batch_norm_relu_concat(y, weight, bias, mean, invstd, up):
+    return empty_like_layout(y, (y.shape[0], y.shape[1] + up.shape[1], *y.shape[2:]))
+
+
 def _fake_conv_output(x, weight, padding):
     h, w = (x.shape[i] + 2 * padding - weight.shape[i] + 1 for i in (2, 3))
     return empty_like_layout(x, (x.shape[0], weight.shape[0], h, w))
@@ -425,6 +429,7 @@ if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake(
         _lib + "batch_norm_relu_max_pool_backward", _fake_batch_norm_relu_max_pool_backward
     )
+    torch.library.register_fake(_lib + "batch_norm_relu_concat", _fake_batch_norm_relu_concat)
     torch.library.register_fake(_lib + "conv_bn_relu", _fake_conv_bn_relu)
     torch.library.register_fake(_lib + "conv_bn_relu_backward", _fake_conv_bn_relu_backward)
     torch.library.register_fake(_lib + "double_conv", _fake_double_conv)

@@ -22,6 +22,11 @@ def recompute(recipe):
     return unet_fast.batch_norm_relu_apply(*recipe)
 
 
+def fused_kernels(device: torch.device) -> bool:
+    """Whether the device has this module's one-pass kernels (else their steps run composed)."""
+    return _backend.default_backend("recompute", device.type) != "reference"
+
+
 class _MaxPool(torch.autograd.Function):
     """(max_pool2d(x, 2, 2), x) for a double conv's output x: the decoder reads x through this
     node too, so that one kernel rebuilds x, finds the maxima and sums both of x's gradients."""
@@ -38,14 +43,9 @@ class _MaxPool(torch.autograd.Function):
         if grad_pooled is None:
             return (grad_x, *nones)
         recipe = ctx.saved_tensors
-        if (
-            _backend.default_backend("batch_norm_relu_max_pool", grad_pooled.device.type)
-            != "reference"
-        ):
-            return (
-                unet_fast.batch_norm_relu_max_pool_backward(grad_pooled, grad_x, *recipe),
-                *nones,
-            )
+        if fused_kernels(grad_pooled.device):
+            grad = unet_fast.batch_norm_relu_max_pool_backward(grad_pooled, grad_x, *recipe)
+            return (grad, *nones)
         x = recompute(recipe)
         _, indices = F.max_pool2d(x, 2, 2, return_indices=True)
         grad = torch.ops.aten.max_pool2d_with_indices_backward(
@@ -87,7 +87,10 @@ class _JoinDoubleConv(torch.autograd.Function):
         skip_channels, skip_size, size, padding, has_b1, has_b2 = ctx.meta
         if grad_out is None:
             return (None,) * (14 + len(recipe))
-        joined = unet_fast.crop_concat(recompute(recipe), up, size)
+        if skip_size == up.shape[-2:] == size and fused_kernels(up.device):
+            joined = unet_fast.batch_norm_relu_concat(*recipe, up)
+        else:
+            joined = unet_fast.crop_concat(recompute(recipe), up, size)
         g = double_conv_backward(grad_out, joined, saved, (has_b1, has_b2), padding, True)
         if skip_size == up.shape[-2:] == size:
             # nothing was cropped or padded: views of the two channel slices, as torch.cat's

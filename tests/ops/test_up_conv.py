@@ -179,13 +179,16 @@ def test_mixed_dtypes_and_integer_input_are_refused():
         ops.up_conv(torch.ones(1, 2, 3, 3, dtype=torch.int64), torch.ones(2, 2, 2, 2))
 
 
-def test_other_backends_run_atens_transposed_convolution(backend):
-    x, weight, b = inputs(CASES[0])
+def test_every_backend_runs_it_triton_and_reference_through_aten(backend, device):
+    x, weight, b = inputs(CASES[0], device=device)
     x.requires_grad_()
     out = ops.up_conv(x, weight, b, backend=backend)
-    if backend in ("reference", "triton"):
-        assert out.grad_fn.name() != "_UpConvBackward"
+    kernel = backend in ("cpu", "cuda")
+    assert (out.grad_fn.name() == "_UpConvBackward") == kernel
     assert_close(out, reference.up_conv(x, weight, b), torch.float64)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, x, grad)
+    assert_close(got, torch.autograd.grad(reference.up_conv(x, weight, b), x, grad), torch.float64)
 
 
 class Ups(nn.Module):

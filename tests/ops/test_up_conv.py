@@ -177,6 +177,8 @@ def test_mixed_dtypes_and_integer_input_are_refused():
         ops.up_conv(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 2, 2, dtype=torch.float64))
     with pytest.raises(TypeError, match="must be float32"):
         ops.up_conv(torch.ones(1, 2, 3, 3, dtype=torch.int64), torch.ones(2, 2, 2, 2))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        ops.up_conv([[1.0]], torch.ones(2, 2, 2, 2))
 
 
 def test_every_backend_runs_it_triton_and_reference_through_aten(backend, device):

@@ -4,8 +4,8 @@ The U-Net's upsampling (2x2, stride 2; nnU-Net's and MONAI's too). Forward is AT
 convolution. Backward uses that every output pixel comes from one input pixel and one kernel
 tap: with the output gradient regrouped as G = [N * S, taps * C_out] (one copy),
 grad_x = G W^T and grad_weight = X^T G are two matrix products on views of channels-last x and
-weight (csrc/up_conv.h); oneDNN's transposed-convolution backward was 1.3-1.7x slower at the
-U-Net's shapes (benchmarks/bench_up_conv.py). Saved for backward: x and weight, as ATen's.
+weight (csrc/up_conv.h): forward + backward 1.26-1.55x as fast as ATen's at the U-Net's shapes
+(benchmarks/bench_up_conv.py). Saved for backward: x and weight, as ATen's.
 """
 
 from typing import Optional
@@ -28,6 +28,9 @@ def up_conv(
     The kernel exists on the CPU (and, not yet run there, on CUDA); the Triton backend and the
     reference use ATen's own backward.
     """
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"up_conv: {name} must be a torch.Tensor, got {type(t).__name__}")
     x, weight, bias = autocast_inputs(x, weight, bias)
     check_up_conv(x, weight, bias)
     if not kernel_runs(x.device, backend) or not needs_grad(x, weight, bias):
@@ -53,9 +56,6 @@ def kernel_runs(device: torch.device, backend: str = "auto") -> bool:
 
 
 def check_up_conv(x, weight, bias) -> None:
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"up_conv: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() not in (4, 5) or weight.dim() != x.dim():
         raise ValueError(
             f"up_conv: x must be 4-D or 5-D and weight (C_in, C_out, *kernel) of the same rank, "

@@ -1,11 +1,12 @@
 // crop_concat semantics shared by the CPU and CUDA backends; each supplies only its `fill`.
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/ArrayRef.h>
 
 #include <tuple>
 #include <vector>
+
+#include "cpu/buffer_cache.h"
 
 namespace unet_fast {
 
@@ -41,8 +42,8 @@ at::Tensor crop_concat_with(const at::Tensor& skip, const at::Tensor& up, c10::I
               " vs up ", up.device());
   TORCH_CHECK(size.size() == 2 && size[0] >= 0 && size[1] >= 0,
               "crop_concat: size must be two non-negative integers (H, W), got ", size);
-  at::Tensor out = at::empty({skip.size(0), skip.size(1) + up.size(1), size[0], size[1]},
-                             skip.options().memory_format(skip.suggest_memory_format()));
+  at::Tensor out = cached_empty({skip.size(0), skip.size(1) + up.size(1), size[0], size[1]},
+                                skip.options(), skip.suggest_memory_format());
   if (out.numel() > 0) {
     fill(out, std::vector<ShiftedSource>{
                   {skip, 0, leading_pad(size[0], skip.size(2)), leading_pad(size[1], skip.size(3))},
@@ -62,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor> crop_concat_backward_with(const at::Tensor& g
   TORCH_CHECK(grad.dim() == 4 && skip_channels >= 0 && skip_channels <= grad.size(1),
               "crop_concat_backward: grad of shape ", grad.sizes(), " cannot hold ", skip_channels,
               " skip channels");
-  const auto options = grad.options().memory_format(grad.suggest_memory_format());
+  const auto format = grad.suggest_memory_format();
   const int64_t N = grad.size(0), C = grad.size(1);
   auto slice_back = [&](int64_t begin, int64_t end, c10::IntArrayRef size) {
-    at::Tensor dst = at::empty({N, end - begin, size[0], size[1]}, options);
+    at::Tensor dst = cached_empty({N, end - begin, size[0], size[1]}, grad.options(), format);
     if (dst.numel() > 0) {
       fill(dst, std::vector<ShiftedSource>{{grad.narrow(1, begin, end - begin), 0,
                                             -leading_pad(grad.size(2), size[0]),

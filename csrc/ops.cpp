@@ -3,10 +3,35 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/buffer_cache.h"
+
+namespace {
+
+// (cached bytes, limit bytes, hits, misses) of the CPU buffer cache.
+PyObject* cpu_cache_info(PyObject*, PyObject*) {
+  const auto info = unet_fast::cpu::cache_info();
+  return Py_BuildValue("(LLLL)", info.cached_bytes, info.limit_bytes, info.hits, info.misses);
+}
+
+PyObject* cpu_cache_reset(PyObject*, PyObject* limit) {
+  const long long bytes = PyLong_AsLongLong(limit);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  unet_fast::cpu::cache_reset(bytes);
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS, nullptr},
+    {"cpu_cache_reset", cpu_cache_reset, METH_O, nullptr},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 // `import unet_fast._C` loads this shared library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

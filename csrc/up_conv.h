@@ -10,6 +10,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/buffer_cache.h"
+
 namespace unet_fast {
 
 // With the stride equal to the kernel, output pixel s * k + t (per axis) comes from input pixel s
@@ -55,14 +57,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> up_conv_backward(const at:
   for (int64_t i = 0; i < dims; ++i) order.push_back(2 + 2 * i);
   split.push_back(c_out);
   order.push_back(2 * dims + 1);
-  const auto g = grad.movedim(1, -1).reshape(split).permute(order).reshape({-1, taps * c_out});
+  const auto by_tap = grad.movedim(1, -1).reshape(split).permute(order);
+  at::Tensor g = by_tap;
+  if (!by_tap.is_contiguous()) {
+    g = cached_empty(by_tap.sizes(), grad.options(), at::MemoryFormat::Contiguous);
+    g.copy_(by_tap);
+  }
+  g = g.view({-1, taps * c_out});
   const auto w = weight.movedim(1, -1).reshape({c_in, taps * c_out});
   at::Tensor grad_x = empty(), grad_w = empty(), grad_b = empty();
   if (mask[0]) {
     std::vector<int64_t> size{n};
     for (int64_t i = 0; i < dims; ++i) size.push_back(x.size(2 + i));
     size.push_back(c_in);
-    grad_x = at::mm(g, w.t()).view(size).movedim(-1, 1);
+    grad_x = cached_empty({g.size(0), c_in}, grad.options(), at::MemoryFormat::Contiguous);
+    at::mm_out(grad_x, g, w.t());
+    grad_x = grad_x.view(size).movedim(-1, 1);
   }
   if (mask[1]) {
     std::vector<int64_t> size{c_in};

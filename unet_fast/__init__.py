@@ -1,7 +1,7 @@
 """unet_fast: fused U-Net kernels for PyTorch and a drop-in UNet."""
 
 from . import nn, ops, reference
-from ._backend import backends
+from ._backend import backends, cpu_cache_info, empty_cache
 from .fuse import fuse
 from .models.checkpoints import from_pytorch_unet
 from .models.memory import estimate_memory, visualize_activations
@@ -16,6 +16,8 @@ __all__ = [
     "UNet",
     "UNetPlusPlus",
     "backends",
+    "cpu_cache_info",
+    "empty_cache",
     "estimate_memory",
     "from_pytorch_unet",
     "fuse",

@@ -30,7 +30,7 @@ REQUIRES = {
 }
 
 try:
-    from . import _C  # noqa: F401  (loading the library registers the C++/CUDA kernels)
+    from . import _C  # loading the library registers the C++/CUDA kernels
 
     EXTENSION_ERROR = None
 except ImportError as error:  # a source checkout that was never built, or a broken build
@@ -40,6 +40,16 @@ except ImportError as error:  # a source checkout that was never built, or a bro
         "pure-PyTorch reference. Build with `pip install --no-build-isolation .`.",
         stacklevel=2,
     )
+
+
+_CACHE_MIB = os.environ.get("UNET_FAST_CPU_CACHE_MIB", "1024")
+if not _CACHE_MIB.isdigit():
+    raise ValueError(
+        "UNET_FAST_CPU_CACHE_MIB must be a whole number of MiB (0 turns the CPU buffer cache off), "
+        f"got {_CACHE_MIB!r}"
+    )
+if EXTENSION_ERROR is None:
+    _C.cpu_cache_reset(int(_CACHE_MIB) << 20)
 
 
 def _registered(kernel: str, device_type: str) -> bool:
@@ -109,6 +119,26 @@ def triton_version():
     return importlib.util.find_spec("triton") and __import__("triton").__version__
 
 
+def cpu_cache_info() -> dict | None:
+    """The CPU kernels' cache of large freed buffers: the bytes it holds, its limit (the
+    UNET_FAST_CPU_CACHE_MIB environment variable, default 1024) and how many large tensors it
+    served from a cached buffer (hits) or from new memory (misses). None without the extension.
+    """
+    if EXTENSION_ERROR is not None:
+        return None
+    cached, limit, hits, misses = _C.cpu_cache_info()
+    return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
+
+
+def empty_cache(limit_bytes: int | None = None) -> None:
+    """Frees the CPU kernels' cached buffers, as torch.cuda.empty_cache does CUDA's; with
+    `limit_bytes`, also sets how many bytes of freed buffers it keeps from now on (0: none)."""
+    if limit_bytes is not None and limit_bytes < 0:
+        raise ValueError(f"empty_cache: limit_bytes must be >= 0, got {limit_bytes}")
+    if EXTENSION_ERROR is None:
+        _C.cpu_cache_reset(_C.cpu_cache_info()[1] if limit_bytes is None else limit_bytes)
+
+
 def backends() -> dict:
     """What was built and which backend each op uses by default on each device.
 
@@ -131,4 +161,5 @@ def backends() -> dict:
             "cuda": {op: default_backend(op, "cuda") for op in REQUIRES} if gpu else None,
         },
         "override": os.environ.get("UNET_FAST_BACKEND"),
+        "cpu_cache": cpu_cache_info(),
     }

@@ -5,8 +5,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -15,6 +13,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "cpu/buffer_cache.h"
 #include "cpu/channelwise.h"
 
 namespace unet_fast {
@@ -76,7 +75,7 @@ std::pair<at::Tensor, at::Tensor> affine(const at::Tensor& mean, const at::Tenso
 // Writes into `into` when given (dense in y's format, y's shape and dtype), else a new tensor.
 at::Tensor apply(const at::Tensor& y, at::MemoryFormat format, const at::Tensor& scale,
                  const at::Tensor& shift, const at::Tensor& into = {}) {
-  at::Tensor out = into.defined() ? into : at::empty_like(y, format);
+  at::Tensor out = into.defined() ? into : cpu::empty_like(y, format);
   if (y.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu_apply", [&] {
     apply_kernel<scalar_t>(out.data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
@@ -113,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu::batch_norm_relu_
   at::Tensor mean = at::zeros({s.C}, at::TensorOptions().dtype(acc_type));
   at::Tensor invstd = at::zeros_like(mean);
   at::Tensor unbiased_var = at::zeros_like(mean);
-  if (count == 0) return {at::empty_like(y, format), mean, invstd, unbiased_var};
+  if (count == 0) return {cpu::empty_like(y, format), mean, invstd, unbiased_var};
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu", [&] {
     using A = acc<scalar_t>;
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -154,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu::batch_norm_relu_backward(
   auto [scale, shift] = affine(mean, invstd, weight, bias);
   const at::Tensor gamma = per_channel(weight, s.C, 1.0, acc_type);
   // the gradient pass reads dy[i] and writes grad_y[i] in the same step: it may overwrite dy
-  at::Tensor grad_y = over_grad_out && dy.is_same(grad_out) ? dy : at::empty_like(y, format);
+  at::Tensor grad_y = over_grad_out && dy.is_same(grad_out) ? dy : cpu::empty_like(y, format);
   at::Tensor grad_weight = at::zeros_like(mean), grad_bias = at::zeros_like(mean);
   if (count > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "batch_norm_relu_backward", [&] {
@@ -233,7 +232,7 @@ at::Tensor batch_norm_relu_concat_cpu(const at::Tensor& y_in, const Optional& we
   const auto format = y_in.suggest_memory_format();
   const at::Tensor y = y_in.contiguous(format);
   const int64_t C = y.size(1), channels = C + up.size(1);
-  at::Tensor out = at::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format);
+  at::Tensor out = cpu::empty({y.size(0), channels, y.size(2), y.size(3)}, y.options(), format);
   out.narrow(1, C, up.size(1)).copy_(up);
   if (y.numel() == 0) return out;
   const auto acc_type = at::toOpMathType(y.scalar_type());
@@ -308,7 +307,7 @@ at::Tensor batch_norm_relu_max_pool_backward_cpu(const at::Tensor& grad_pooled_i
   if (has_grad_x && nhwc && grad_x.stride(1) != 1) grad_x = grad_x.contiguous(format);
   const auto acc_type = at::toOpMathType(y.scalar_type());
   auto [scale, shift] = affine(mean.to(acc_type), invstd.to(acc_type), weight, bias);
-  at::Tensor out = at::empty_like(y, format);
+  at::Tensor out = cpu::empty_like(y, format);
   if (y.numel() == 0) return out;
   // strides of (c, h, w) in y's layout and in the pooled gradient's
   const int64_t s_c = nhwc ? 1 : H * W, s_h = nhwc ? W * C : W, s_w = nhwc ? C : 1;

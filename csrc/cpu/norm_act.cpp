@@ -11,7 +11,6 @@
 #include "norm_act.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
@@ -20,6 +19,7 @@
 #include <functional>
 #include <string>
 
+#include "cpu/buffer_cache.h"
 #include "cpu/channelwise.h"
 
 namespace unet_fast {
@@ -341,7 +341,7 @@ at::Tensor norm_act_apply_cpu(const at::Tensor& y_in, int64_t groups, const Opti
                    invstd = invstd_in.to(acc_type).contiguous();
   TORCH_CHECK(mean.numel() == l.units() && invstd.numel() == l.units(), "norm_act_apply: expected ",
               l.units(), " statistics, got ", mean.numel());
-  at::Tensor out = at::empty_like(y, format);
+  at::Tensor out = cpu::empty_like(y, format);
   if (y.numel() == 0) return out;
   const ChannelParams params("norm_act_apply", l.C, weight, bias, act, slope, act_weight);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, y.scalar_type(), "norm_act_apply", [&] {
@@ -386,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_cpu(
     double eps, c10::string_view act, double slope, const Optional& act_weight) {
   const auto format = format_of(y_in);
   const at::Tensor y = y_in.contiguous(format);
-  at::Tensor out = at::empty_like(y, format);
+  at::Tensor out = cpu::empty_like(y, format);
   auto [mean, invstd, unbiased_var] =
       norm_act_into("norm_act", y, out, groups, weight, bias, eps, act, slope, act_weight);
   return {out, mean, invstd, unbiased_var};
@@ -420,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_act_backward_cpu
   TORCH_CHECK(mean.numel() == l.units() && invstd.numel() == l.units(),
               "norm_act_backward: expected ", l.units(), " statistics, got ", mean.numel());
   const ChannelParams params("norm_act_backward", l.C, weight, bias, act, slope, act_weight);
-  at::Tensor grad_y = at::empty_like(y, format);
+  at::Tensor grad_y = cpu::empty_like(y, format);
   at::Tensor grad_weight = at::zeros({l.C}, at::TensorOptions().dtype(at::kDouble));
   at::Tensor grad_bias = at::zeros_like(grad_weight);
   at::Tensor grad_slope = at::zeros_like(grad_weight);  // PReLU's, per channel

@@ -143,7 +143,8 @@ def backends() -> dict:
     """What was built and which backend each op uses by default on each device.
 
     >>> unet_fast.backends()["default"]["cpu"]
-    {'crop_concat': 'cpu', 'conv_bn_relu': 'cpu', 'conv_bias_relu': 'cpu', 'norm_act': 'cpu'}
+    {'crop_concat': 'cpu', 'conv_bn_relu': 'cpu', 'conv_bias_relu': 'cpu', 'recompute': 'cpu',
+     'norm_act': 'cpu', 'up_conv': 'cpu'}
     """
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {

@@ -107,8 +107,10 @@ struct Block {
   size_t bytes;
 };
 
+// torch.profiler's memory view counts the tensors as it counts the default allocator's.
 void release(void* ctx) {
   auto* block = static_cast<Block*>(ctx);
+  c10::profiledCPUMemoryReporter().Delete(block->data);
   the_cache().give_back(block->data, block->bytes);
   delete block;
 }
@@ -117,6 +119,7 @@ struct CachingAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n < kSmallestCached) return c10::GetCPUAllocator()->allocate(n);
     void* data = the_cache().take(n);
+    c10::profiledCPUMemoryReporter().New(data, n);
     return {data, new Block{data, n}, &release, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, size_t count) const override {

@@ -1,8 +1,6 @@
 // The CPU BatchNorm + ReLU kernels, callable by the device-generic training composition
-// (csrc/conv_bn_relu.cpp) with buffers it owns. On the CPU every new tensor of 32 MiB or more is
-// fresh pages from the kernel (glibc's mmap threshold), each faulted in on first touch: about 8 ms
-// per 32 MiB on a 2-core VM, as long as the kernel that fills it. CUDA's caching allocator
-// recycles memory instead, so only the CPU path reuses.
+// (csrc/conv_bn_relu.cpp) with buffers it owns: a temporary overwritten costs no new tensor, and
+// a new large one costs page faults on the CPU (cpu/buffer_cache.h).
 #pragma once
 
 #include <ATen/ATen.h>

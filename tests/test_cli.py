@@ -42,6 +42,10 @@ def test_bench_reports_every_figure(tmp_path, capsys):
         assert run["candidate_saved_bytes"] < 0.7 * run["baseline_saved_bytes"]
         assert run["gradient_diff"][2] is True and run["inference_output_diff"][2] is True
     assert result["runs"][0]["forward_flops"] > 0 and png.stat().st_size > 1000
+    if result["config"]["backend"] == "cpu":  # the CPU kernels' buffer cache is named, with its use
+        cache = result["cpu_cache"]
+        assert f"(limit {cache['limit_bytes'] >> 20} MiB" in text
+        assert f"{cache['hits']} reused, {cache['misses']} new" in text
 
 
 @pytest.mark.parametrize(

@@ -262,6 +262,7 @@ def bench(args) -> dict:
         },
         "runs": runs,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_cache": _backend.cpu_cache_info(),
     }
 
 
@@ -371,6 +372,13 @@ def report(result) -> str:
                 )
     if cfg["device"] == "cpu":
         lines.append(f"\n  peak RSS of this process: {result['peak_rss_mib']:.0f} MiB")
+        cache = result.get("cpu_cache")
+        if cache and cfg["backend"] == "cpu":
+            lines.append(
+                f"  {mine}: the CPU kernels reuse large freed buffers (limit "
+                f"{cache['limit_bytes'] >> 20} MiB, UNET_FAST_CPU_CACHE_MIB=0 turns it off): "
+                f"{cache['hits']} reused, {cache['misses']} new"
+            )
     return "\n".join(lines)
 
 

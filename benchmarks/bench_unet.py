@@ -1,6 +1,7 @@
 """UNet(3, 2, bilinear=False) end to end: unet_fast vs the tutorial's model (NCHW, and
-channels_last), inference (1x3x256x256) and a training step (2x3x256x256, SGD), float32 and
-bfloat16 (the tutorial under torch.autocast). Weights shared.
+channels_last), inference (1x3x256x256) and a training step (2x3x256x256, SGD), float32,
+bfloat16 (ours in bfloat16, the tutorial under torch.autocast) and autocast (every model in
+float32 under bfloat16 autocast: the drop-in case). Weights shared.
 
     pytest benchmarks/bench_unet.py --benchmark-only
 
@@ -33,14 +34,14 @@ def model_and_input(impl, mode, dtype, device="cpu"):
         model.load_state_dict(tutorial.state_dict())
         if dtype == "bfloat16":  # our bf16 path: the model in bfloat16
             model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
-        return model, x, False
+        return model, x, dtype == "autocast"
     model = copy.deepcopy(tutorial)
     if impl == "tutorial_channels_last":
         model, x = (
             model.to(memory_format=torch.channels_last),
             x.contiguous(memory_format=torch.channels_last),
         )
-    return model, x, dtype == "bfloat16"  # the tutorial runs bfloat16 under autocast
+    return model, x, dtype != "float32"  # the tutorial runs bfloat16 under autocast
 
 
 def step_fn(impl, mode, dtype, device="cpu"):
@@ -67,7 +68,7 @@ def step_fn(impl, mode, dtype, device="cpu"):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast"])
 @pytest.mark.parametrize("mode", ["inference", "train"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_unet(benchmark, device, mode, dtype, impl):

@@ -136,8 +136,12 @@ def unet_ratios(rounds: int):
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; tutorial UNet time / "
         f"unet_fast.UNet time (medians of {rounds} interleaved rounds)"
     )
-    for mode in ("inference", "train"):
-        for dtype in ("float32", "bfloat16"):
+    # autocast: every model in float32 under bfloat16 autocast, the drop-in inference case
+    for mode, dtypes in (
+        ("inference", ("float32", "bfloat16", "autocast")),
+        ("train", ("float32", "bfloat16")),
+    ):
+        for dtype in dtypes:
             fns = {impl: bench_unet.step_fn(impl, mode, dtype)[0] for impl in bench_unet.IMPLS}
             t = interleaved(fns, rounds, warmup=1, block_seconds=0)
             print(

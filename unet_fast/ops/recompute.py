@@ -87,14 +87,15 @@ class _JoinDoubleConv(torch.autograd.Function):
         skip_channels, skip_size, size, padding, has_b1, has_b2 = ctx.meta
         if grad_out is None:
             return (None,) * (14 + len(recipe))
-        if skip_size == up.shape[-2:] == size and fused_kernels(up.device):
+        uncropped = skip_size == up.shape[-2:] == size  # nothing cropped or padded
+        if uncropped and fused_kernels(up.device):
             joined = unet_fast.batch_norm_relu_concat(*recipe, up)
         else:
             joined = unet_fast.crop_concat(recompute(recipe), up, size)
         g = double_conv_backward(grad_out, joined, saved, (has_b1, has_b2), padding, True)
-        if skip_size == up.shape[-2:] == size:
-            # nothing was cropped or padded: views of the two channel slices, as torch.cat's
-            # backward gives (the consumers read strided input; a copy here is pure overhead)
+        if uncropped:
+            # views of the two channel slices, as torch.cat's backward gives (the consumers read
+            # strided input; a copy here is pure overhead)
             grad_skip, grad_up = g[0].split([skip_channels, up.shape[1]], 1)
         else:
             grad_skip, grad_up = unet_fast.crop_concat_backward(

@@ -2,8 +2,9 @@
 path of Conv -> BatchNorm -> ReLU once BatchNorm is folded into weight and bias (`fold`).
 
 CPU: oneDNN's convolution (prepacked weights welcome), then ATen's in-place ReLU (oneDNN's
-post-op would map NaN to 0); CUDA: cuDNN, then an in-place ReLU; Triton: an implicit-GEMM convolution with the ReLU in its epilogue. Backward is
-ATen's: the ReLU mask from the output, then convolution_backward.
+post-op would map NaN to 0); CUDA: cuDNN, then an in-place ReLU; Triton: an implicit-GEMM
+convolution with the ReLU in its epilogue. Backward is ATen's: the ReLU mask from the output,
+then convolution_backward.
 
 `conv_bn_relu_frozen` is the inference entry: it folds (and prepacks) once per parameter version
 and keeps the result, inside an op that torch.compile leaves opaque, so a compiled model keeps

@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/buffer_cache.h"
 
 namespace {
@@ -20,9 +21,15 @@ PyObject* cpu_cache_reset(PyObject*, PyObject* limit) {
   Py_RETURN_NONE;
 }
 
+// Whether this CPU runs the bfloat16 Winograd kernel's matrix products (AVX512-BF16).
+PyObject* cpu_has_bf16_gemm(PyObject*, PyObject*) {
+  return PyBool_FromLong(unet_fast::cpu::has_bf16_gemm());
+}
+
 PyMethodDef methods[] = {
     {"cpu_cache_info", cpu_cache_info, METH_NOARGS, nullptr},
     {"cpu_cache_reset", cpu_cache_reset, METH_O, nullptr},
+    {"cpu_has_bf16_gemm", cpu_has_bf16_gemm, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -81,6 +88,13 @@ TORCH_LIBRARY(unet_fast, m) {
   // Eval mode: relu(conv2d(x, weight, bias, padding)), BatchNorm already folded into weight/bias.
   m.def("conv_bias_relu(Tensor x, Tensor weight, Tensor? bias, int padding) -> Tensor",
         kExactStrides);
+  // The same with padding 1 by Winograd F(2x2, 3x3), inference only: winograd_weight is weight
+  // transformed (ops.conv_bias_relu.winograd_weight); inputs with NaN, Inf or huge values take
+  // the direct path, with `weight`.
+  m.def(
+      "conv_bias_relu_winograd(Tensor x, Tensor weight, Tensor? bias, Tensor winograd_weight) -> "
+      "Tensor",
+      kExactStrides);
 
   // Training mode: relu(batch_norm(conv2d(x))). Returns (out, conv output y, mean, invstd,
   // unbiased var).

@@ -1,6 +1,9 @@
 """Shared test helpers: layouts, DESIGN.md's tolerances, the bfloat16 rule, training histories."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,6 +97,17 @@ def assert_histories_close(got, want, dtype, float32_tol=1e-4):
         for g, w in zip(g_step, w_step, strict=True):
             scale = max(w.abs().max().item(), 1.0)
             torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)
+
+
+def printed_on_import(code: str, variable: str, value: str) -> str | None:
+    """What `code` prints (its last word) in a fresh interpreter with the environment `variable`
+    set to `value`; None when it fails, after checking that the error names the variable."""
+    env = dict(os.environ, **{variable: value})
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        assert variable in run.stderr, run.stderr
+        return None
+    return run.stdout.split()[-1]
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,6 @@ and no stale value ever reaching a result."""
 
 import copy
 import multiprocessing
-import os
-import subprocess
 import sys
 import threading
 
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 import unet_fast
+from tests.helpers import printed_on_import
 from unet_fast import ops
 from unet_fast._backend import EXTENSION_ERROR
 
@@ -168,13 +167,8 @@ def test_a_forked_child_runs_with_its_own_cache():
 @pytest.mark.parametrize("value, ok", [("0", True), ("64", True), ("lots", False), ("-1", False)])
 def test_the_limit_comes_from_the_environment(value, ok):
     code = "import unet_fast; print(unet_fast.cpu_cache_info()['limit_bytes'])"
-    env = dict(os.environ, UNET_FAST_CPU_CACHE_MIB=value)
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if ok:
-        assert run.returncode == 0, run.stderr
-        assert int(run.stdout.split()[-1]) == int(value) << 20
-    else:
-        assert run.returncode != 0 and "UNET_FAST_CPU_CACHE_MIB" in run.stderr
+    printed = printed_on_import(code, "UNET_FAST_CPU_CACHE_MIB", value)
+    assert printed == (str(int(value) << 20) if ok else None)
 
 
 def test_negative_limit_is_refused():

@@ -50,6 +50,16 @@ if not _CACHE_MIB.isdigit():
     )
 if EXTENSION_ERROR is None:
     _C.cpu_cache_reset(int(_CACHE_MIB) << 20)
+# The bfloat16 Winograd kernel's matrix products need AVX512-BF16.
+BF16_GEMM = EXTENSION_ERROR is None and _C.cpu_has_bf16_gemm()
+
+
+# The CPU eval path computes wide 3x3 convolutions by Winograd F(2x2, 3x3) (ops.conv_bias_relu);
+# UNET_FAST_CPU_WINOGRAD=0 keeps oneDNN's direct convolution everywhere.
+_WINOGRAD = os.environ.get("UNET_FAST_CPU_WINOGRAD", "1")
+if _WINOGRAD not in ("0", "1"):
+    raise ValueError(f"UNET_FAST_CPU_WINOGRAD must be 0 or 1, got {_WINOGRAD!r}")
+CPU_WINOGRAD = _WINOGRAD == "1"
 
 
 def _registered(kernel: str, device_type: str) -> bool:
@@ -163,4 +173,8 @@ def backends() -> dict:
         },
         "override": os.environ.get("UNET_FAST_BACKEND"),
         "cpu_cache": cpu_cache_info(),
+        "cpu_winograd": {
+            "float32": CPU_WINOGRAD and EXTENSION_ERROR is None,
+            "bfloat16": CPU_WINOGRAD and BF16_GEMM,
+        },
     }

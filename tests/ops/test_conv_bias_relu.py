@@ -1,11 +1,20 @@
 """conv_bias_relu (the eval path: BatchNorm folded, ReLU fused) against the reference on every
-backend, and its Triton kernel's single launch."""
+backend, its Triton kernel's single launch, and the CPU's Winograd F(2x2, 3x3) kernel."""
 
 import pytest
 import torch
 
-from tests.helpers import TRITON_DEVICE, assert_close, layout, poison
-from unet_fast import ops, reference
+from tests.helpers import (
+    TRITON_DEVICE,
+    assert_bf16_within_rule,
+    assert_close,
+    layout,
+    poison,
+    printed_on_import,
+)
+from unet_fast import _backend, ops, reference
+from unet_fast._common import fold
+from unet_fast.ops.conv_bias_relu import frozen_entries, winograd_weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -63,3 +72,137 @@ def test_nan_and_inf_propagate_as_in_the_reference(backend, device, x_layout, po
     got = ops.conv_bias_relu(x, w, b, padding, backend=backend)
     assert want.isnan().any() and got.isnan().any()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+needs_extension = pytest.mark.skipif(
+    _backend.EXTENSION_ERROR is not None, reason="unet_fast._C is not built"
+)
+# bfloat16 Winograd where this CPU has AVX512-BF16; float32 wherever the extension is built
+WINOGRAD_DTYPES = [torch.float32] + [torch.bfloat16] * bool(_backend.BF16_GEMM)
+
+
+def winograd_case(c_in, c_out, dtype=torch.float32, h=7, w=9, n=2, bias=True):
+    """x and bias in `dtype`, the weight in float32 (a model's weights under autocast)."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c_in, h, w).to(dtype)
+    weight = torch.randn(c_out, c_in, 3, 3) * (2 / (9 * c_in)) ** 0.5
+    return x, weight, (torch.randn(c_out) * 0.1).to(dtype) if bias else None
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", WINOGRAD_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("h, w", [(7, 9), (8, 8), (1, 2)])
+def test_winograd_matches_the_reference(x_layout, h, w, bias, dtype):
+    """F(2x2, 3x3), odd and even sizes (partial tiles at the edges), output in x's layout. float32
+    within DESIGN.md's tolerance; bfloat16 from float32 weights (autocast) within the bfloat16 rule
+    of the convolution autocast runs, which rounds the weights as Winograd rounds their
+    transform."""
+    x, weight, b = winograd_case(32, 64, dtype, h, w, bias=bias)
+    x = layout(x, x_layout)
+    u = winograd_weight(weight, dtype)
+    got = torch.ops.unet_fast.conv_bias_relu_winograd(x, weight.to(dtype), b, u)
+    fmt = torch.channels_last if x_layout == "channels_last" else torch.contiguous_format
+    assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+    exact = reference.conv_bias_relu(x.double(), weight.double(), _double(b), 1)
+    if dtype == torch.float32:
+        assert_close(got, exact.float(), torch.float32)
+    else:
+        direct = reference.conv_bias_relu(x, weight.to(dtype), b, 1)
+        assert_bf16_within_rule([got], [direct], [exact])
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", WINOGRAD_DTYPES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 2.0**50])
+def test_winograd_inputs_out_of_its_range_take_the_direct_path(dtype, value):
+    """The transforms subtract inputs (Inf - Inf = NaN where the direct convolution keeps Inf), and
+    past 2^48 their products could overflow: such inputs give exactly the direct result."""
+    x, weight, b = winograd_case(32, 32, dtype)
+    x[1, 3, 4, 4] = value
+    u, weight = winograd_weight(weight, dtype), weight.to(dtype)
+    got = torch.ops.unet_fast.conv_bias_relu_winograd(x, weight, b, u)
+    want = torch.ops.unet_fast.conv_bias_relu(x, weight, b, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    if value != 2.0**50:
+        assert want.isnan().any() or want.isinf().any()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 2.0**50])
+def test_winograd_weights_out_of_range_are_refused(value):
+    _, weight, _ = winograd_case(32, 32)
+    assert winograd_weight(weight, torch.float32) is not None
+    weight[3, 2, 1, 1] = value
+    assert winograd_weight(weight, torch.float32) is None
+    assert winograd_weight(weight, torch.bfloat16) is None
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", WINOGRAD_DTYPES)
+def test_winograd_refuses_mismatched_weights(dtype):
+    x, weight, b = winograd_case(32, 64, dtype)
+    u = winograd_weight(weight, dtype)
+    with pytest.raises(RuntimeError, match="winograd_weight must be"):
+        torch.ops.unet_fast.conv_bias_relu_winograd(x[:, :16], weight.to(dtype), b, u)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.unet_fast.conv_bias_relu_winograd(x.double(), weight.double(), None, u)
+    with pytest.raises(RuntimeError, match="bias must have"):
+        torch.ops.unet_fast.conv_bias_relu_winograd(x, weight.to(dtype), b[:32], u)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", WINOGRAD_DTYPES)
+def test_winograd_opcheck(dtype):
+    x, weight, b = winograd_case(32, 64, dtype, 6, 5)
+    u = winograd_weight(weight, dtype)
+    torch.library.opcheck(
+        torch.ops.unet_fast.conv_bias_relu_winograd.default, (x, weight.to(dtype), b, u)
+    )
+
+
+@needs_extension
+@pytest.mark.parametrize("autocast", [False, True])
+def test_frozen_layers_take_winograd_where_it_pays(monkeypatch, autocast):
+    """The rule: layers wide enough (C_in * C_out / (C_in + C_out) at least 64) run Winograd, in
+    float32 or in bfloat16 under autocast; narrower ones, weights already in bfloat16 and
+    UNET_FAST_CPU_WINOGRAD=0 the direct convolution. Within the dtype's tolerance either way."""
+    if autocast and not _backend.BF16_GEMM:
+        pytest.skip("bfloat16 Winograd needs a CPU with AVX512-BF16")
+    dtype = torch.bfloat16 if autocast else torch.float32
+    wide = 128
+    cases = [(wide, torch.float32, True), (wide - 32, torch.float32, False)]
+    cases += [(wide, torch.bfloat16, False)] if autocast else []
+    for c, weight_dtype, expected in cases:
+        for enabled in (True, False):
+            monkeypatch.setattr(_backend, "CPU_WINOGRAD", enabled)
+            x, weight, bias = winograd_case(c, c, h=5, w=6, n=1)
+            bn = torch.nn.BatchNorm2d(c).eval()
+            with torch.no_grad():
+                bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2)
+            params = [t.to(weight_dtype) for t in (weight, bias, bn.weight, bn.bias)]
+            params += [bn.running_mean.to(weight_dtype), bn.running_var.to(weight_dtype)]
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                got = ops.conv_bn_relu_frozen(x, *params, bn.eps, 1, backend="cpu")
+            assert (frozen_entries(params[0])[dtype][1][2] is not None) == (expected and enabled)
+            x = x.to(dtype)
+            exact = reference.conv_bias_relu(x.double(), *fold(*params, bn.eps, torch.float64), 1)
+            if dtype == torch.float32:
+                assert_close(got, exact.float(), torch.float32)
+            else:
+                direct = reference.conv_bias_relu(x, *fold(*params, bn.eps, dtype), 1)
+                assert_bf16_within_rule([got], [direct], [exact])
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("1", True), ("yes", False)])
+def test_the_winograd_switch_comes_from_the_environment(value, ok):
+    code = (
+        "import unet_fast; print(','.join(map(str, unet_fast.backends()['cpu_winograd'].values())))"
+    )
+    on = value == "1"
+    want = f"{on and _backend.EXTENSION_ERROR is None},{on and _backend.BF16_GEMM}"
+    assert printed_on_import(code, "UNET_FAST_CPU_WINOGRAD", value) == (want if ok else None)

@@ -8,7 +8,8 @@ then convolution_backward.
 
 `conv_bn_relu_frozen` is the inference entry: it folds (and prepacks) once per parameter version
 and keeps the result, inside an op that torch.compile leaves opaque, so a compiled model keeps
-the cache too.
+the cache too. On the CPU it computes wide 3x3 layers by Winograd F(2x2, 3x3)
+(`conv_bias_relu_winograd`, weights transformed once by `winograd_weight`; docs/library.md).
 """
 
 import weakref
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import _backend, reference
-from .._common import conv_backward, empty_like_layout, fold
+from .._common import conv_backward, empty_like_layout, fold, stats_dtype
 from ._checks import autocast_inputs, check_conv, needs_grad
 
 Tensor = torch.Tensor
@@ -73,6 +74,51 @@ def prepack(weight: Tensor, x: Tensor, padding: int) -> Tensor:
     )
 
 
+# Winograd F(2x2, 3x3)'s weight transform G, and the least C_in * C_out / (C_in + C_out) at which
+# it replaces the direct convolution: the products it saves grow as C_in * C_out per tile, its
+# transforms' memory traffic as C_in + C_out. Measured on a 2-core AMD EPYC against oneDNN
+# (docs/results.md): 1.2x-1.9x per layer from 64 (128 channels in and out), 1.05x-1.13x at 32-43.
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+WINOGRAD_FROM = 64
+# Inputs and weights past this magnitude take the direct convolution (the kernel checks inputs).
+WINOGRAD_RANGE = 2.0**48
+
+
+def winograd_pays(x: Tensor, weight: Tensor, padding: int) -> bool:
+    """Whether the CPU eval path computes this 3x3 convolution by Winograd F(2x2, 3x3): in
+    float32, or in bfloat16 on CPUs with AVX512-BF16 from float32 weights (autocast), whose
+    transform is rounded once as autocast rounds the weights (weights already in bfloat16 would be
+    rounded twice, putting a layer's error past the bfloat16 rule)."""
+    c_out, c_in, kh, kw = weight.shape
+    if x.dtype == torch.bfloat16 and not (weight.dtype == torch.float32 and _backend.BF16_GEMM):
+        return False
+    return (
+        _backend.CPU_WINOGRAD
+        and x.device.type == "cpu"
+        and (kh, kw, padding) == (3, 3, 1)
+        and c_in % 32 == 0
+        and c_out % 32 == 0
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and c_in * c_out >= WINOGRAD_FROM * (c_in + c_out)
+    )
+
+
+def winograd_weight(weight: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+    """G w G^T for every (out, in) channel pair, computed in float32, in `dtype` and the layout
+    conv_bias_relu_winograd takes: (16, C_in, C_out) in float32; in bfloat16 packed for its
+    matrix products, (16, C_out / 32, C_in / 2, 32, 2) (panels of 32 output channels, input
+    channels in interleaved pairs). None when a weight is NaN, Inf or past WINOGRAD_RANGE."""
+    weight = weight.detach().float()
+    if not bool(weight.abs().amax() <= WINOGRAD_RANGE):
+        return None
+    c_out, c_in = weight.shape[:2]
+    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight, g).reshape(16, c_in, c_out).to(dtype)
+    if dtype == torch.bfloat16:
+        u = u.view(16, c_in // 2, 2, c_out // 32, 32).permute(0, 3, 1, 4, 2)
+    return u.contiguous()
+
+
 # id(conv weight) -> (weakref to it, {compute dtype: (key, (folded weight, folded bias))});
 # an entry goes with its weight
 _frozen: dict = {}
@@ -108,11 +154,18 @@ def _conv_bn_relu_frozen(
     entries = frozen_entries(weight)
     cached = entries.get(x.dtype)
     if cached is None or cached[0] != key:
-        folded_weight, folded_bias = fold(*sources, eps, dtype=x.dtype)
+        folded_weight, folded_bias = fold(*sources, eps, dtype=stats_dtype(weight))
+        winograd = None
+        if prepacked and winograd_pays(x, weight, padding):
+            winograd = winograd_weight(folded_weight, x.dtype)
+        folded_weight, folded_bias = folded_weight.to(x.dtype), folded_bias.to(x.dtype)
         if prepacked:
             folded_weight = prepack(folded_weight, x, padding)
-        entries[x.dtype] = cached = key, (folded_weight, folded_bias)
-    return conv_bias_relu(x, *cached[1], padding, backend=backend)
+        entries[x.dtype] = cached = key, (folded_weight, folded_bias, winograd)
+    folded_weight, folded_bias, winograd = cached[1]
+    if winograd is not None:
+        return torch.ops.unet_fast.conv_bias_relu_winograd(x, folded_weight, folded_bias, winograd)
+    return conv_bias_relu(x, folded_weight, folded_bias, padding, backend=backend)
 
 
 @_conv_bn_relu_frozen.register_fake
@@ -173,4 +226,7 @@ def _backward(ctx, grad_out):
 
 if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake("unet_fast::conv_bias_relu", _fake)
+    torch.library.register_fake(
+        "unet_fast::conv_bias_relu_winograd", lambda x, weight, bias, _: _fake(x, weight, bias, 1)
+    )
     torch.library.register_autograd("unet_fast::conv_bias_relu", _backward, setup_context=_setup)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from unet_fast import cli
+from unet_fast import _backend, cli
 
 
 def test_bench_reports_every_figure(tmp_path, capsys):
@@ -125,3 +125,16 @@ def test_bench_model_times_a_network_against_fuse_of_it(tmp_path, capsys):
     for name in ("baseline", "baseline_channels_last", "candidate"):
         assert run[f"{name}_train_images_per_s"] > 0 and run[f"{name}_saved_bytes"] > 0
     assert run["gradient_diff"][2] and run["train_output_diff"][2]
+
+
+@pytest.mark.skipif(_backend.EXTENSION_ERROR is not None, reason="unet_fast._C is not built")
+@pytest.mark.parametrize("winograd", [True, False])
+def test_bench_says_which_convolutions_ran_by_winograd(monkeypatch, tmp_path, capsys, winograd):
+    monkeypatch.setattr(_backend, "CPU_WINOGRAD", winograd)
+    path = tmp_path / "bench.json"
+    args = ["bench", "--size", "32", "--base-features", "16", "--dtype", "float32", "--quiet"]
+    assert cli.main(args + ["--rounds", "1", "--warmup", "0", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    winograd_layers, folded = json.loads(path.read_text())["runs"][0]["winograd_layers"]
+    assert folded == 18 and (winograd_layers > 0) == winograd
+    assert (f"{winograd_layers} of 18 folded convolutions by Winograd" in text) == winograd

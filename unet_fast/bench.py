@@ -25,6 +25,7 @@ from . import _backend, reference
 from .fuse import fuse
 from .models import networks
 from .models.unet import UNet
+from .ops.conv_bias_relu import winograd_layers
 
 # flag differences above this fraction of the reference's largest magnitude (a sanity check;
 # the tests hold every op and model to DESIGN.md's tolerances)
@@ -219,6 +220,7 @@ def bench_dtype(args, device, dtype, progress) -> dict:
             result[f"{mode}_output_diff{suffix}"] = largest_difference([out], [ref_out], dtype)
             if grads is not None:
                 result[f"gradient_diff{suffix}"] = largest_difference(grads, ref_grads, dtype)
+    result["winograd_layers"] = winograd_layers(ours)
     for name, (model, inputs) in models.items():
         with torch.autocast(device.type, autocast_dtype, enabled=args.autocast):
             result[f"{name}_saved_bytes"] = saved_bytes(model.train(), inputs)
@@ -352,6 +354,13 @@ def report(result) -> str:
             if peak:
                 lines.append(peak)
         lines.append(row("saved for backward MiB", "saved_bytes", 2**20, 1))
+        winograd, folded = run.get("winograd_layers", (0, 0))
+        if winograd:
+            lines.append(
+                f"  {mine} inference: {winograd} of {folded} folded convolutions by Winograd "
+                "F(2x2, 3x3), fewer multiplications than the direct FLOPs counted above "
+                "(UNET_FAST_CPU_WINOGRAD=0: oneDNN's direct convolution)"
+            )
         tolerance = TOLERANCE[getattr(torch, run["dtype"].split()[0])]
         for name, header in models:
             if not name.startswith("candidate"):

@@ -133,6 +133,18 @@ def frozen_entries(weight: Tensor) -> dict:
     return entry[1]
 
 
+def winograd_layers(model: torch.nn.Module) -> tuple[int, int]:
+    """(convolutions computed by Winograd, convolutions folded) among `model`'s parameters in the
+    inference cache, over the compute dtypes it has run in."""
+    winograd = folded = 0
+    for p in model.parameters():
+        entry = _frozen.get(id(p))
+        if entry is not None and entry[0]() is p and entry[1]:
+            folded += 1
+            winograd += any(cached[1][2] is not None for cached in entry[1].values())
+    return winograd, folded
+
+
 @torch.library.custom_op("unet_fast::conv_bn_relu_frozen", mutates_args=())
 def _conv_bn_relu_frozen(
     x: Tensor,

@@ -4,7 +4,8 @@ pytest-benchmark runs each case's rounds back to back; on a shared 2-core machin
 between cases, so the ratios quoted in notes come from here: every round times the fused and the
 reference version one after the other, and the ratio is of the medians.
 
-    python benchmarks/interleaved.py [--rounds 15] [--only norm] [--unet | --autocast | --predict]
+    python benchmarks/interleaved.py [--rounds 15] [--only norm]
+                                     [--unet | --autocast | --predict | --winograd]
 """
 
 import argparse
@@ -18,6 +19,8 @@ import bench_norm_act as norm_cases
 import bench_unet
 import bench_up_conv as up_cases
 import torch
+
+from unet_fast import _backend
 
 
 def interleaved(fns: dict, rounds: int, warmup: int = 2, block_seconds: float = 0.05) -> dict:
@@ -71,6 +74,11 @@ def main():
         action="store_true",
         help="a training step in float32 vs under bfloat16 autocast instead",
     )
+    parser.add_argument(
+        "--winograd",
+        action="store_true",
+        help="the UNet's 3x3 layers in inference instead: Winograd F(2x2, 3x3) vs oneDNN's direct",
+    )
     parser.add_argument("--only", default="", help="op suites whose title contains this text")
     parser.add_argument(
         "--predict",
@@ -85,6 +93,8 @@ def main():
         return unet_ratios(args.rounds)
     if args.autocast:
         return autocast_ratios(args.rounds)
+    if args.winograd:
+        return winograd_ratios(args.rounds)
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference time / fused time "
@@ -154,6 +164,22 @@ def unet_ratios(rounds: int):
         _, model, x = bench_unet.step_fn(impl, "train", "float32")
         saved[impl] = saved_bytes(model.train(), x)
     print(f"saved-for-backward bytes, training step: {saved['fused'] / saved['tutorial']:.3f}x")
+
+
+def winograd_ratios(rounds: int):
+    """direct time / Winograd time of each 3x3 layer of the UNet at 1x3x256x256, with the rule's
+    C_in * C_out / (C_in + C_out)."""
+    print(f"direct time / Winograd time (medians of {rounds} interleaved rounds)")
+    dtypes = [torch.float32] + [torch.bfloat16] * bool(_backend.BF16_GEMM)
+    for layer, (c_in, c_out, _) in eval_cases.WINOGRAD_LAYERS.items():
+        for dtype in dtypes:
+            t = interleaved(eval_cases.winograd_layer_fns(layer, dtype), rounds)
+            print(
+                f"{layer:18} {str(dtype)[6:]:9} C_in*C_out/(C_in+C_out) "
+                f"{c_in * c_out / (c_in + c_out):5.0f}: {t['direct'] / t['winograd']:5.2f}x "
+                f"({t['direct'] * 1e3:.1f} ms / {t['winograd'] * 1e3:.1f} ms)",
+                flush=True,
+            )
 
 
 def autocast_ratios(rounds: int):

@@ -95,6 +95,8 @@ TORCH_LIBRARY(unet_fast, m) {
       "conv_bias_relu_winograd(Tensor x, Tensor weight, Tensor? bias, Tensor winograd_weight) -> "
       "Tensor",
       kExactStrides);
+  // conv_bias_relu_winograd's winograd_weight from (C_out, C_in, 3, 3) conv weights.
+  m.def("winograd_weight(Tensor weight, ScalarType dtype) -> Tensor");
 
   // Training mode: relu(batch_norm(conv2d(x))). Returns (out, conv output y, mean, invstd,
   // unbiased var).

@@ -5,7 +5,7 @@
 // would map NaN to 0 and turn a corrupted input into plausible output.
 //
 // Winograd F(2x2, 3x3) (3x3, padding 1): each 4x4 input tile d becomes V = B^T d B, each weight
-// U = G g G^T (once, in Python: winograd_weight), and every 2x2 output tile A^T (U . V) A, where
+// U = G g G^T (once, by winograd_weight), and every 2x2 output tile A^T (U . V) A, where
 // the sum over input channels of U . V is 16 matrix products, (tiles x C_in) @ (C_in x C_out):
 // 16 multiplications per 2x2 outputs instead of 36. The transforms add and subtract inputs, so
 // an Inf turns into NaN where the direct convolution keeps Inf; inputs with NaN, Inf or
@@ -159,6 +159,59 @@ void winograd_output(const float* m, const scalar_t* bias, scalar_t* y, const Ti
   });
 }
 
+// G w G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]], for every (out, in) pair
+// of (C_out, C_in, 3, 3) weights, in float32, stored in `dtype` in the layout
+// conv_bias_relu_winograd takes: (16, C_in, C_out) in float32, bf16_gemm's packed panels
+// (16, C_out / 32, C_in / 2, 32, 2) in bfloat16. Blocks of 32 output channels, input channels
+// outer: the loads run along 32 rows of weights, the stores along output channels.
+at::Tensor winograd_weight_cpu(const at::Tensor& weight, at::ScalarType dtype) {
+  const bool bf16 = dtype == at::kBFloat16;
+  TORCH_CHECK(dtype == at::kFloat || bf16, "winograd_weight: dtype must be float32 or bfloat16");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+              "winograd_weight: weight must be (C_out, C_in, 3, 3), got ", weight.sizes());
+  const int64_t C_out = weight.size(0), C = weight.size(1), P = cpu::kBf16GemmPanel;
+  TORCH_CHECK(!bf16 || (C_out % P == 0 && C % 2 == 0),
+              "winograd_weight: bfloat16 needs C_out a multiple of ", P, " and C_in even, got ",
+              weight.sizes());
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const auto options = weight.options().dtype(dtype);
+  at::Tensor u =
+      bf16 ? at::empty({16, C_out / P, C / 2, P, 2}, options) : at::empty({16, C, C_out}, options);
+  const float* wp = w.const_data_ptr<float>();
+  const auto index = [&](int64_t k, int64_t ci, int64_t co) {
+    return bf16 ? (((k * (C_out / P) + co / P) * (C / 2) + ci / 2) * P + co % P) * 2 + ci % 2
+                : (k * C + ci) * C_out + co;
+  };
+  const auto transform = [&](auto* out) {
+    using out_t = std::remove_pointer_t<decltype(out)>;
+    at::parallel_for(0, (C_out + P - 1) / P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ci = 0; ci < C; ++ci) {
+        for (int64_t co = begin * P; co < std::min(end * P, C_out); ++co) {
+          const float* g = wp + (co * C + ci) * 9;
+          float gg[4][3], u16[4][4];
+          for (int j = 0; j < 3; ++j) {  // G g, on rows
+            const float half = (g[j] + g[6 + j]) * 0.5f, odd = g[3 + j] * 0.5f;
+            gg[0][j] = g[j], gg[1][j] = half + odd, gg[2][j] = half - odd, gg[3][j] = g[6 + j];
+          }
+          for (int i = 0; i < 4; ++i) {  // (G g) G^T, on columns
+            const float half = (gg[i][0] + gg[i][2]) * 0.5f, odd = gg[i][1] * 0.5f;
+            u16[i][0] = gg[i][0], u16[i][1] = half + odd, u16[i][2] = half - odd,
+            u16[i][3] = gg[i][2];
+          }
+          for (int k = 0; k < 16; ++k)
+            out[index(k, ci, co)] = static_cast<out_t>(u16[k / 4][k % 4]);
+        }
+      }
+    });
+  };
+  if (bf16) {
+    transform(u.data_ptr<c10::BFloat16>());
+  } else {
+    transform(u.data_ptr<float>());
+  }
+  return u;
+}
+
 // float32: the 16 products by ATen's bmm, winograd_weight (16, C_in, C_out). bfloat16: by
 // bf16_gemm, which keeps its sums in float32 (rounding them to bfloat16 before the output
 // transform would put a layer's error past the bfloat16 rule), winograd_weight packed for it.
@@ -228,6 +281,7 @@ at::Tensor conv_bias_relu_winograd_cpu(const at::Tensor& x, const at::Tensor& we
 TORCH_LIBRARY_IMPL(unet_fast, CPU, m) {
   m.impl("conv_bias_relu", &unet_fast::conv_bias_relu_cpu);
   m.impl("conv_bias_relu_winograd", &unet_fast::conv_bias_relu_winograd_cpu);
+  m.impl("winograd_weight", &unet_fast::winograd_weight_cpu);
 }
 
 // Eval-mode weights prepacked in oneDNN's blocked layout (an MkldnnCPU tensor) dispatch here.

@@ -133,6 +133,27 @@ def test_winograd_inputs_out_of_its_range_take_the_direct_path(dtype, value):
         assert want.isnan().any() or want.isinf().any()
 
 
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_winograd_weight_is_g_w_gt_in_the_kernels_layout(dtype):
+    _, weight, _ = winograd_case(6, 64)
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    want = torch.einsum("ak,oikl,bl->abio", g, weight.double(), g).reshape(16, 6, 64)
+    got = winograd_weight(weight, dtype)
+    if dtype == torch.bfloat16:  # panels of 32 output channels, input channels in pairs
+        assert got.shape == (16, 2, 3, 32, 2)
+        got = got.permute(0, 2, 4, 1, 3).reshape(16, 6, 64)
+    tol = 1e-6 if dtype == torch.float32 else 2**-8  # one bfloat16 rounding
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=1e-6)
+    torch.library.opcheck(torch.ops.unet_fast.winograd_weight.default, (weight, dtype))
+    with pytest.raises(RuntimeError, match="must be \\(C_out, C_in, 3, 3\\)"):
+        winograd_weight(weight[..., :2], dtype)
+    if dtype == torch.bfloat16:
+        with pytest.raises(RuntimeError, match="multiple of 32"):
+            winograd_weight(weight[:48], dtype)
+
+
+@needs_extension
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 2.0**50])
 def test_winograd_weights_out_of_range_are_refused(value):
     _, weight, _ = winograd_case(32, 32)

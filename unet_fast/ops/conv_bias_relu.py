@@ -74,11 +74,10 @@ def prepack(weight: Tensor, x: Tensor, padding: int) -> Tensor:
     )
 
 
-# Winograd F(2x2, 3x3)'s weight transform G, and the least C_in * C_out / (C_in + C_out) at which
-# it replaces the direct convolution: the products it saves grow as C_in * C_out per tile, its
-# transforms' memory traffic as C_in + C_out. Measured on a 2-core AMD EPYC against oneDNN
-# (docs/results.md): 1.2x-1.9x per layer from 64 (128 channels in and out), 1.05x-1.13x at 32-43.
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# The least C_in * C_out / (C_in + C_out) at which Winograd F(2x2, 3x3) replaces the direct
+# convolution: the products it saves grow as C_in * C_out per tile, its transforms' memory traffic
+# as C_in + C_out. Measured on a 2-core AMD EPYC against oneDNN (docs/results.md): 1.2x-1.8x per
+# layer from 128 on, about even at 64-85 (128 channels in and out), slower below.
 WINOGRAD_FROM = 64
 # Inputs and weights past this magnitude take the direct convolution (the kernel checks inputs).
 WINOGRAD_RANGE = 2.0**48
@@ -108,15 +107,16 @@ def winograd_weight(weight: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
     conv_bias_relu_winograd takes: (16, C_in, C_out) in float32; in bfloat16 packed for its
     matrix products, (16, C_out / 32, C_in / 2, 32, 2) (panels of 32 output channels, input
     channels in interleaved pairs). None when a weight is NaN, Inf or past WINOGRAD_RANGE."""
-    weight = weight.detach().float()
+    weight = weight.detach()
     if not bool(weight.abs().amax() <= WINOGRAD_RANGE):
         return None
+    return torch.ops.unet_fast.winograd_weight(weight, dtype)
+
+
+def _winograd_weight_fake(weight, dtype):
     c_out, c_in = weight.shape[:2]
-    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
-    u = torch.einsum("ak,oikl,bl->abio", g, weight, g).reshape(16, c_in, c_out).to(dtype)
-    if dtype == torch.bfloat16:
-        u = u.view(16, c_in // 2, 2, c_out // 32, 32).permute(0, 3, 1, 4, 2)
-    return u.contiguous()
+    shape = (16, c_out // 32, c_in // 2, 32, 2) if dtype == torch.bfloat16 else (16, c_in, c_out)
+    return weight.new_empty(shape, dtype=dtype)
 
 
 # id(conv weight) -> (weakref to it, {compute dtype: (key, (folded weight, folded bias))});
@@ -241,4 +241,5 @@ if _backend.EXTENSION_ERROR is None:
     torch.library.register_fake(
         "unet_fast::conv_bias_relu_winograd", lambda x, weight, bias, _: _fake(x, weight, bias, 1)
     )
+    torch.library.register_fake("unet_fast::winograd_weight", _winograd_weight_fake)
     torch.library.register_autograd("unet_fast::conv_bias_relu", _backward, setup_context=_setup)

@@ -77,7 +77,7 @@ def prepack(weight: Tensor, x: Tensor, padding: int) -> Tensor:
 # The least C_in * C_out / (C_in + C_out) at which Winograd F(2x2, 3x3) replaces the direct
 # convolution: the products it saves grow as C_in * C_out per tile, its transforms' memory traffic
 # as C_in + C_out. Measured on a 2-core AMD EPYC against oneDNN (docs/results.md): 1.2x-1.8x per
-# layer from 128 on, about even at 64-85 (128 channels in and out), slower below.
+# layer from 128 on, 0.96x-1.25x at 64-85 (128 channels in and out), slower below.
 WINOGRAD_FROM = 64
 # Inputs and weights past this magnitude take the direct convolution (the kernel checks inputs).
 WINOGRAD_RANGE = 2.0**48
@@ -119,8 +119,8 @@ def _winograd_weight_fake(weight, dtype):
     return weight.new_empty(shape, dtype=dtype)
 
 
-# id(conv weight) -> (weakref to it, {compute dtype: (key, (folded weight, folded bias))});
-# an entry goes with its weight
+# id(conv weight) -> (weakref to it, {compute dtype: (key, (folded weight, folded bias, Winograd
+# weight or None))}); an entry goes with its weight
 _frozen: dict = {}
 
 
@@ -162,7 +162,7 @@ def _conv_bn_relu_frozen(
     prepacked = backend == "cpu"
     key = tuple(
         None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources
-    ) + (eps, x.shape, prepacked)
+    ) + (eps, x.shape, prepacked, _backend.CPU_WINOGRAD)
     entries = frozen_entries(weight)
     cached = entries.get(x.dtype)
     if cached is None or cached[0] != key:

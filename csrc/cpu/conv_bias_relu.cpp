@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -84,7 +85,7 @@ struct Tiles {
 template <typename scalar_t>
 bool winograd_input(const scalar_t* x, scalar_t* v, const Tiles& g, int64_t C, int64_t first,
                     int64_t T) {
-  std::vector<char> in_range(at::get_num_threads(), 1);
+  std::atomic<bool> in_range{true};
   at::parallel_for(first, first + T, 16, [&](int64_t begin, int64_t end) {
     Vec worst(0.f);  // at::vec::maximum keeps NaN
     for (int64_t t = begin; t < end; ++t) {
@@ -121,10 +122,10 @@ bool winograd_input(const scalar_t* x, scalar_t* v, const Tiles& g, int64_t C, i
     float lanes[Vec::size()];
     worst.store(lanes);
     for (float lane : lanes) {
-      if (!(lane <= kWinogradRange)) in_range[at::get_thread_num()] = 0;
+      if (!(lane <= kWinogradRange)) in_range.store(false, std::memory_order_relaxed);
     }
   });
-  return std::all_of(in_range.begin(), in_range.end(), [](char ok) { return ok; });
+  return in_range.load();
 }
 
 // y = relu(A^T M A + bias) for the tiles first .. first + T - 1, M[k][t - first][c] (float32) the
@@ -212,6 +213,31 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight, at::ScalarType dtype) {
   return u;
 }
 
+// bfloat16 with transformed weights small enough to stay in L2 (narrow layers, whose transformed
+// tiles are many): each thread takes its blocks of tiles through all three steps in buffers of
+// its own, so nothing goes to memory but x and y. The steps' parallel_for run inline, nested.
+bool winograd_bf16_in_blocks(const c10::BFloat16* x, const c10::BFloat16* u,
+                             const c10::BFloat16* bias, c10::BFloat16* y, const Tiles& g, int64_t C,
+                             int64_t C_out) {
+  constexpr int64_t kBlockBytes = int64_t{384} << 10;
+  const int64_t block = std::max<int64_t>(8, kBlockBytes / (16 * (2 * C + 4 * C_out)) / 8 * 8);
+  std::atomic<bool> in_range{true};
+  at::parallel_for(0, (g.count() + block - 1) / block, 1, [&](int64_t begin, int64_t end) {
+    std::vector<c10::BFloat16> v(16 * block * C);
+    std::vector<float> m(16 * block * C_out);
+    for (int64_t i = begin; i < end && in_range.load(std::memory_order_relaxed); ++i) {
+      const int64_t first = i * block, T = std::min(block, g.count() - first);
+      if (!winograd_input(x, v.data(), g, C, first, T)) {
+        in_range.store(false, std::memory_order_relaxed);
+        return;
+      }
+      cpu::bf16_gemm(16, T, C_out, C, v.data(), u, m.data());
+      winograd_output(m.data(), bias, y, g, C_out, first, T);
+    }
+  });
+  return in_range.load();
+}
+
 // float32: the 16 products by ATen's bmm, winograd_weight (16, C_in, C_out). bfloat16: by
 // bf16_gemm, which keeps its sums in float32 (rounding them to bfloat16 before the output
 // transform would put a layer's error past the bfloat16 rule), winograd_weight packed for it.
@@ -240,19 +266,26 @@ at::Tensor conv_bias_relu_winograd_cpu(const at::Tensor& x, const at::Tensor& we
   // Tiles go through the three steps in chunks whose transformed inputs and products (16 per
   // tile each) take about 8 MiB, so that each step finds the previous one's output in cache;
   // unless the transformed weights, which every chunk reads again, are that large themselves.
-  constexpr int64_t kChunkBytes = int64_t{8} << 20;
+  constexpr int64_t kChunkBytes = int64_t{8} << 20, kBlockWeightBytes = int64_t{512} << 10;
   const int64_t tile_bytes = 16 * (C * x.element_size() + C_out * 4);
   const bool chunked = u.numel() * u.element_size() < kChunkBytes;
   const int64_t chunk =
       chunked ? std::min(g.count(), std::max<int64_t>(64, kChunkBytes / tile_bytes)) : g.count();
-  at::Tensor v = cpu::empty({16 * chunk * C}, x.options());
-  at::Tensor m = cpu::empty({16 * chunk * C_out}, x.options().dtype(at::kFloat));
   const at::Tensor y =
       cpu::empty({g.N, C_out, g.H, g.W}, x.options(), at::MemoryFormat::ChannelsLast);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const at::Tensor uc = u.contiguous();
   const auto run = [&](auto zero) {
     using scalar_t = decltype(zero);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (u.numel() * u.element_size() <= kBlockWeightBytes) {
+        return winograd_bf16_in_blocks(xc.const_data_ptr<scalar_t>(), uc.const_data_ptr<scalar_t>(),
+                                       b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                       y.data_ptr<scalar_t>(), g, C, C_out);
+      }
+    }
+    at::Tensor v = cpu::empty({16 * chunk * C}, x.options());
+    at::Tensor m = cpu::empty({16 * chunk * C_out}, x.options().dtype(at::kFloat));
     for (int64_t first = 0; first < g.count(); first += chunk) {
       const int64_t T = std::min(chunk, g.count() - first);
       if (!winograd_input(xc.const_data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), g, C, first, T)) {

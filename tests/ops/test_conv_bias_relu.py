@@ -93,17 +93,23 @@ def _double(t):
     return None if t is None else t.double()
 
 
+# (C_in, C_out): transformed weights that bfloat16 keeps in L2 per thread, and larger ones that go
+# through the whole image in chunks
+WINOGRAD_CHANNELS = [(32, 64), (192, 160)]
+
+
 @needs_extension
+@pytest.mark.parametrize("channels", WINOGRAD_CHANNELS)
 @pytest.mark.parametrize("dtype", WINOGRAD_DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("x_layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("h, w", [(7, 9), (8, 8), (1, 2)])
-def test_winograd_matches_the_reference(x_layout, h, w, bias, dtype):
+def test_winograd_matches_the_reference(x_layout, h, w, bias, dtype, channels):
     """F(2x2, 3x3), odd and even sizes (partial tiles at the edges), output in x's layout. float32
     within DESIGN.md's tolerance; bfloat16 from float32 weights (autocast) within the bfloat16 rule
     of the convolution autocast runs, which rounds the weights as Winograd rounds their
     transform."""
-    x, weight, b = winograd_case(32, 64, dtype, h, w, bias=bias)
+    x, weight, b = winograd_case(*channels, dtype, h, w, bias=bias)
     x = layout(x, x_layout)
     u = winograd_weight(weight, dtype)
     got = torch.ops.unet_fast.conv_bias_relu_winograd(x, weight.to(dtype), b, u)
@@ -118,12 +124,13 @@ def test_winograd_matches_the_reference(x_layout, h, w, bias, dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize("channels", WINOGRAD_CHANNELS)
 @pytest.mark.parametrize("dtype", WINOGRAD_DTYPES)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 2.0**50])
-def test_winograd_inputs_out_of_its_range_take_the_direct_path(dtype, value):
+def test_winograd_inputs_out_of_its_range_take_the_direct_path(dtype, value, channels):
     """The transforms subtract inputs (Inf - Inf = NaN where the direct convolution keeps Inf), and
     past 2^48 their products could overflow: such inputs give exactly the direct result."""
-    x, weight, b = winograd_case(32, 32, dtype)
+    x, weight, b = winograd_case(*channels, dtype)
     x[1, 3, 4, 4] = value
     u, weight = winograd_weight(weight, dtype), weight.to(dtype)
     got = torch.ops.unet_fast.conv_bias_relu_winograd(x, weight, b, u)
@@ -189,14 +196,14 @@ def test_winograd_opcheck(dtype):
 @needs_extension
 @pytest.mark.parametrize("autocast", [False, True])
 def test_frozen_layers_take_winograd_where_it_pays(monkeypatch, autocast):
-    """The rule: layers wide enough (C_in * C_out / (C_in + C_out) at least 64) run Winograd, in
-    float32 or in bfloat16 under autocast; narrower ones, weights already in bfloat16 and
+    """The rule: layers wide enough (C_in * C_out / (C_in + C_out) at least 64 in float32, 40 in
+    bfloat16 under autocast) run Winograd; narrower ones, weights already in bfloat16 and
     UNET_FAST_CPU_WINOGRAD=0 the direct convolution. Within the dtype's tolerance either way."""
     if autocast and not _backend.BF16_GEMM:
         pytest.skip("bfloat16 Winograd needs a CPU with AVX512-BF16")
     dtype = torch.bfloat16 if autocast else torch.float32
-    wide = 128
-    cases = [(wide, torch.float32, True), (wide - 32, torch.float32, False)]
+    wide, narrow = (96, 64) if autocast else (128, 96)
+    cases = [(wide, torch.float32, True), (narrow, torch.float32, False)]
     cases += [(wide, torch.bfloat16, False)] if autocast else []
     for c, weight_dtype, expected in cases:
         for enabled in (True, False):

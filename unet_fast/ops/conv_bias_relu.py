@@ -75,10 +75,11 @@ def prepack(weight: Tensor, x: Tensor, padding: int) -> Tensor:
 
 
 # The least C_in * C_out / (C_in + C_out) at which Winograd F(2x2, 3x3) replaces the direct
-# convolution: the products it saves grow as C_in * C_out per tile, its transforms' memory traffic
-# as C_in + C_out. Measured on a 2-core AMD EPYC against oneDNN (docs/results.md): 1.2x-1.8x per
-# layer from 128 on, 0.96x-1.25x at 64-85 (128 channels in and out), slower below.
-WINOGRAD_FROM = 64
+# convolution: the products it saves grow as C_in * C_out per tile, its transforms' cost as
+# C_in + C_out. Measured on a 2-core AMD EPYC against oneDNN (docs/results.md): 1.2x-1.8x per
+# layer from 128 on, 0.96x-1.4x at 64-85 (128 channels in and out), slower below in float32;
+# bfloat16 keeps narrow layers' tiles in L2 from transform to output, 1.08x at 43 (128 -> 64).
+WINOGRAD_FROM = {torch.float32: 64, torch.bfloat16: 40}
 # Inputs and weights past this magnitude take the direct convolution (the kernel checks inputs).
 WINOGRAD_RANGE = 2.0**48
 
@@ -97,8 +98,8 @@ def winograd_pays(x: Tensor, weight: Tensor, padding: int) -> bool:
         and (kh, kw, padding) == (3, 3, 1)
         and c_in % 32 == 0
         and c_out % 32 == 0
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and c_in * c_out >= WINOGRAD_FROM * (c_in + c_out)
+        and x.dtype in WINOGRAD_FROM
+        and c_in * c_out >= WINOGRAD_FROM[x.dtype] * (c_in + c_out)
     )
 
 
